@@ -1,0 +1,6 @@
+"""jaxground: LLaVA-1.5 in JAX/Flax NNX with grounding heads native in the decoder."""
+
+from jaxground.models import LlavaConfig, LlavaModel, LlavaOutput
+from jaxground.store import load, load_processor
+
+__all__ = ["LlavaConfig", "LlavaModel", "LlavaOutput", "load", "load_processor"]

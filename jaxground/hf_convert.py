@@ -1,0 +1,247 @@
+"""Conversion between HF LLaVA checkpoint dirs and jaxground checkpoints.
+
+`hf_to_jaxground` streams tensors one at a time into preallocated arrays of the target dtype
+(never two copies of the model), validating every key and shape from the file headers before
+any data is read. `jaxground_to_hf` writes safetensors shards + `config.json` in the Hub
+layout, which `LlavaForConditionalGeneration.from_pretrained` loads in every transformers
+version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from jaxground import store
+from jaxground.hf_weights import canonical_key, hf_tensors, hub_layout, nnx_target
+from jaxground.models.config import ConfigError, LlavaConfig
+from jaxground.models.llava import abstract_model, param_dict
+from jaxground.safetensors_io import iter_checkpoint_files, write_safetensors
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class ConversionError(ValueError):
+    """The checkpoint does not fit the model its config describes; the message lists how."""
+
+
+@dataclasses.dataclass
+class _Source:
+    """One tensor in a checkpoint file: enough to validate it before reading it."""
+
+    file: str
+    key: str
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"HF checkpoint dir {hf_dir} does not exist")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: an HF LLaVA checkpoint dir needs its "
+                                "config.json (LlavaConfig)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+
+
+def _safetensors_sources(hf_dir: str) -> Iterator[_Source]:
+    for st in iter_checkpoint_files(hf_dir):
+        for key in st.keys():
+            yield _Source(st.path, key, st.shape(key), lambda st=st, key=key: st.read(key))
+
+
+def _pickle_sources(files: list[str]) -> Iterator[_Source]:
+    import torch  # only on the explicit --allow-pickle path
+
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key, t in state.items():
+            def read(t=t):
+                t = t.detach()
+                if t.dtype == torch.bfloat16:
+                    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+                return t.numpy()
+            yield _Source(path, key, tuple(t.shape), read)
+
+
+def tensor_sources(hf_dir: str, allow_pickle: bool = False) -> list[_Source]:
+    has_st = bool(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if has_st:
+        return list(_safetensors_sources(hf_dir))
+    pickles = sorted(glob.glob(os.path.join(hf_dir, "*.bin")) + glob.glob(
+        os.path.join(hf_dir, "*.pt")) + glob.glob(os.path.join(hf_dir, "*.pth")))
+    if pickles and not allow_pickle:
+        raise ConversionError(
+            f"{hf_dir} holds only pickled weights ({', '.join(map(os.path.basename, pickles))}); "
+            "unpickling can execute arbitrary code, so they are refused. Convert them to "
+            "safetensors, or pass --allow-pickle if you trust the source.")
+    if pickles:
+        return list(_pickle_sources(pickles))
+    raise FileNotFoundError(f"no weights in {hf_dir}: expected model.safetensors, "
+                            "sharded *.safetensors with model.safetensors.index.json, "
+                            "or (with --allow-pickle) pytorch_model*.bin")
+
+
+def _plan(sources: list[_Source], expected: dict[tuple[str, ...], tuple[int, ...]],
+          tie_word_embeddings: bool):
+    """Matches every checkpoint tensor to a parameter slot; raises listing all problems."""
+    plan, filled = [], {}
+    unexpected, wrong_shape, duplicate = [], [], []
+    for src in sources:
+        canon = canonical_key(src.key)
+        if canon is None or (tie_word_embeddings and canon == "lm_head.weight"):
+            continue  # buffers, or an lm_head tied to the embedding
+        target = nnx_target(canon)
+        if target is None or target.path not in expected:
+            unexpected.append(f"{src.key} (in {os.path.basename(src.file)})")
+            continue
+        full = expected[target.path]
+        want = full[1:] if target.layer is not None else full
+        if target.layer is not None and not 0 <= target.layer < full[0]:
+            unexpected.append(f"{src.key} (layer {target.layer}, but the config has "
+                              f"{full[0]} layers)")
+            continue
+        if tuple(src.shape) != target.hf_shape(want):
+            wrong_shape.append(f"{src.key}: checkpoint {list(src.shape)}, config.json implies "
+                               f"{list(target.hf_shape(want))}")
+            continue
+        slot = (target.path, target.layer)
+        if slot in filled:
+            duplicate.append(f"{src.key} and {filled[slot]} (both -> {'.'.join(target.path)})")
+            continue
+        filled[slot] = src.key
+        plan.append((src, target))
+    missing = []
+    for path, shape in expected.items():
+        dotted = ".".join(path)
+        stacked = _is_stacked(path)
+        layers = range(shape[0]) if stacked else [None]
+        absent = [l for l in layers if (path, l) not in filled]
+        if absent:
+            missing.append(dotted + (f" (layers {_ranges(absent)})" if stacked else ""))
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrongly shaped", wrong_shape), ("duplicated", duplicate)):
+        if items:
+            shown = "\n    ".join(items[:25])
+            more = f"\n    ... and {len(items) - 25} more" if len(items) > 25 else ""
+            problems.append(f"  {len(items)} {title} tensor(s):\n    {shown}{more}")
+    if problems:
+        raise ConversionError("checkpoint does not match its config.json:\n" +
+                              "\n".join(problems))
+    return plan
+
+
+def _is_stacked(path: tuple[str, ...]) -> bool:
+    return "layers" in path
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start = [], xs[0]
+    for a, b in zip(xs, xs[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
+def load_hf_params(hf_dir: str, config: LlavaConfig, allow_pickle: bool = False
+                   ) -> dict[tuple[str, ...], np.ndarray]:
+    """Flat {NNX path: array in config.param_dtype} read tensor by tensor from `hf_dir`."""
+    abstract = _flat(param_dict(abstract_model(config)))
+    expected = {p: tuple(a.shape) for p, a in abstract.items()}
+    plan = _plan(tensor_sources(hf_dir, allow_pickle), expected, config.tie_word_embeddings)
+    # np.empty reserves address space only; pages become resident as tensors land in them.
+    params = {p: np.empty(a.shape, np.dtype(a.dtype)) for p, a in abstract.items()}
+    for src, target in plan:
+        value = target.to_nnx(src.read())
+        dest = params[target.path]
+        if target.layer is not None:
+            dest[target.layer] = value  # casts to the target dtype in place
+        else:
+            dest[...] = value
+        del value
+    return params
+
+
+def _flat(nested: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in nested.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def copy_side_files(hf_dir: str, out_dir: str) -> list[str]:
+    """Copies tokenizer / processor / generation files (everything but weights)."""
+    copied = []
+    for name in sorted(os.listdir(hf_dir)):
+        src = os.path.join(hf_dir, name)
+        if (os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES)
+                and name not in WEIGHT_INDEXES):
+            shutil.copy2(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def hf_to_jaxground(hf_dir: str, out_dir: str, dtype: str | None = None,
+                    allow_pickle: bool = False) -> LlavaConfig:
+    """Converts an HF LLaVA dir to a jaxground checkpoint dir; returns the model config.
+
+    `dtype` sets both the stored parameter dtype and the compute dtype (default: float32).
+    """
+    overrides = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
+    config = LlavaConfig.from_hf(read_hf_config(hf_dir), **overrides)
+    params = load_hf_params(hf_dir, config, allow_pickle)
+    os.makedirs(out_dir, exist_ok=True)
+    copy_side_files(hf_dir, out_dir)
+    store.save_params(out_dir, config, params)
+    return config
+
+
+def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30) -> list[str]:
+    """Writes `config.json` + safetensors shards (+ index when sharded); returns file names."""
+    config = store.read_config(ckpt_dir)
+    params = _flat(store.restore_params(ckpt_dir, config))
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = [(k, np.asarray(v)) for k, v in hf_tensors(
+        {p: np.asarray(v) for p, v in params.items()}, hub_layout)]
+    shards, current, size = [], [], 0
+    for name, arr in tensors:
+        if current and size + arr.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, arr))
+        size += arr.nbytes
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        total += write_safetensors(os.path.join(out_dir, name), shard)
+        weight_map.update({k: name for k, _ in shard})
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    for name in os.listdir(ckpt_dir):  # tokenizer / processor files travel along
+        src = os.path.join(ckpt_dir, name)
+        if os.path.isfile(src) and name not in (store.CONFIG_FILE, "config.json"):
+            shutil.copy2(src, os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f, indent=2)
+    return names + ["config.json"]

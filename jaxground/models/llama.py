@@ -1,0 +1,138 @@
+"""LLaMA decoder (Vicuna in LLaVA-1.5), in Flax NNX. No I/O.
+
+Layers are stacked ([L, ...] parameters) and run with `lax.scan` in segments; the segment
+boundaries are a property of the forward pass, not of the parameter tree, so a checkpoint's
+layout does not depend on which layers carry a grounding head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from jaxground.models.config import TextConfig, dtype_of
+from jaxground.models.layers import scan_layers, stack_layers
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float, dtype, param_dtype, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale.value * x32.astype(x.dtype)).astype(self.dtype)
+
+
+def rope_cos_sin(positions_bt, head_dim: int, theta: float, dtype):
+    """HF default RoPE tables: cos, sin [B, T, H] for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_btnh, cos_bth, sin_bth):
+    """HF's rotate_half convention: the head dim is split in halves, not interleaved."""
+    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_btnh * cos_bth[:, :, None] + rotated * sin_bth[:, :, None]
+
+
+def attention_mask(attention_mask_bt, q_len: int | None = None):
+    """Causal + padding mask [B, 1, T, T] (True = may attend).
+
+    A padded query row would otherwise attend to nothing; it is allowed its own key so the
+    softmax stays finite (its output is never used).
+    """
+    b, t = attention_mask_bt.shape
+    causal_tt = jnp.tril(jnp.ones((t, t), bool))
+    valid_b1s = attention_mask_bt.astype(bool)[:, None, None, :]
+    return (causal_tt[None, None] & valid_b1s) | jnp.eye(t, dtype=bool)[None, None]
+
+
+def positions_from_mask(attention_mask_bt):
+    """Position ids that ignore left padding: cumsum(mask) - 1 (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(d, cfg.num_heads * h, use_bias=cfg.attention_bias, **kw)
+        self.k_proj = nnx.Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
+        self.v_proj = nnx.Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
+        self.o_proj = nnx.Linear(cfg.num_heads * h, d, use_bias=cfg.attention_bias, **kw)
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts):
+        q = rearrange(self.q_proj(x_btd), "b t (n h) -> b t n h", n=self.num_heads)
+        k = rearrange(self.k_proj(x_btd), "b t (k h) -> b t k h", k=self.num_kv_heads)
+        v = rearrange(self.v_proj(x_btd), "b t (k h) -> b t k h", k=self.num_kv_heads)
+        q, k = apply_rope(q, cos_bth, sin_bth), apply_rope(k, cos_bth, sin_bth)
+        # Grouped-query attention: dot_product_attention shares each kv head across
+        # num_heads // num_kv_heads query heads.
+        out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts)
+        return self.o_proj(rearrange(out_btnh, "b t n h -> b t (n h)"))
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, param_dtype,
+                                       rngs=rngs)
+        self.self_attn = LlamaAttention(cfg, dtype, param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
+                                                param_dtype, rngs=rngs)
+        self.mlp = LlamaMLP(cfg, dtype, param_dtype, rngs=rngs)
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts):
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, mask_b1ts)
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+
+
+class LlamaModel(nnx.Module):
+    """Token embedding, stacked decoder layers, final norm (no lm_head: LLaVA owns it)."""
+
+    def __init__(self, cfg: TextConfig, dtype: str = "float32", param_dtype: str = "float32",
+                 *, rngs: nnx.Rngs):
+        self.config = cfg
+        dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
+        self.compute_dtype = dt
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+                                      rngs=rngs)
+        self.layers = stack_layers(lambda r: DecoderLayer(cfg, dt, pdt, rngs=r), cfg.num_layers,
+                                   rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, pdt, rngs=rngs)
+
+    def segments(self) -> tuple[tuple[int, int], ...]:
+        """[start, stop) runs of layers executed by one scan each."""
+        return ((0, self.config.num_layers),)
+
+    def __call__(self, inputs_embeds_btd, attention_mask_bt, positions_bt):
+        """Returns the final normed hidden states [B, T, D]."""
+        cfg = self.config
+        x_btd = inputs_embeds_btd.astype(self.compute_dtype)
+        cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, x_btd.dtype)
+        mask = attention_mask(attention_mask_bt)
+        body = lambda layer, c, _: (layer(c, cos, sin, mask), None)
+        for start, stop in self.segments():
+            x_btd, _ = scan_layers(self.layers, x_btd, body, start, stop)
+        return self.norm(x_btd)

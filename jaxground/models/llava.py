@@ -1,0 +1,146 @@
+"""LLaVA-1.5: CLIP vision tower -> projector -> LLaMA, in Flax NNX. No I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxground.models.clip import ClipVisionModel
+from jaxground.models.config import LlavaConfig, dtype_of
+from jaxground.models.llama import LlamaModel, positions_from_mask
+
+
+@struct.dataclass
+class LlavaOutput:
+    logits: jax.Array                      # [B, T, V]
+    image_mask: jax.Array                  # [B, T] bool: positions holding image features
+    grounding_scores: dict[int, jax.Array] = struct.field(default_factory=dict)  # {l: [B, T]}
+    grounding_mask: jax.Array | None = None  # [B, T] bool
+    grounding: jax.Array | None = None       # [B, T]
+
+
+class Projector(nnx.Module):
+    """linear_1 -> exact GELU -> linear_2 (HF LlavaMultiModalProjector)."""
+
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.projector_bias, dtype=dtype_of(cfg.dtype),
+                  param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+        d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
+        self.linear_1 = nnx.Linear(d_in, cfg.text.hidden_size, **kw)
+        self.linear_2 = nnx.Linear(cfg.text.hidden_size, cfg.text.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
+
+
+def merge_image_features(embeds_btd, image_mask_bt, features_npd):
+    """Writes image features into the image-token positions, in order (HF masked_scatter).
+
+    The k-th image token of the flattened batch receives the k-th row of the flattened
+    features, so image tokens may sit anywhere (LLaVA's prompt puts text before them).
+    Static shapes: a cumsum gives each image position its feature row.
+    """
+    b, t, d = embeds_btd.shape
+    flat_features = features_npd.reshape(-1, d).astype(embeds_btd.dtype)
+    flat_mask = image_mask_bt.reshape(-1)
+    row = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, flat_features.shape[0] - 1)
+    gathered = flat_features[row].reshape(b, t, d)
+    return jnp.where(image_mask_bt[..., None], gathered, embeds_btd)
+
+
+def check_image_tokens(input_ids, pixel_values, cfg: LlavaConfig) -> None:
+    """Eager check (needs concrete ids): image tokens must match images x tokens per image."""
+    n_tokens = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
+    n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+    expected = n_images * cfg.image_seq_length
+    if n_tokens != expected:
+        raise ValueError(
+            f"input_ids hold {n_tokens} image tokens (id {cfg.image_token_id}) but "
+            f"{n_images} image(s) x {cfg.image_seq_length} tokens per image = {expected} "
+            "were expected; expand '<image>' with the processor")
+
+
+class LlavaModel(nnx.Module):
+    def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.vision_tower = ClipVisionModel(config.vision, config.dtype, config.param_dtype,
+                                            rngs=rngs)
+        self.projector = Projector(config, rngs=rngs)
+        self.language_model = LlamaModel(config.text, config.dtype, config.param_dtype,
+                                         rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(config.text.hidden_size, config.text.vocab_size,
+                                      use_bias=False, dtype=dtype_of(config.dtype),
+                                      param_dtype=dtype_of(config.param_dtype), rngs=rngs)
+
+    # ---- pieces -----------------------------------------------------------------------------
+    def vision_hidden_states(self, pixel_values_nchw) -> jax.Array:
+        """Selected CLIP features [N, P, Dv * num_feature_layers] (CLS dropped for 'default')."""
+        selected = self.vision_tower(pixel_values_nchw, self.config.feature_layers)
+        if self.config.vision_feature_select_strategy == "default":
+            selected = [h[:, 1:] for h in selected]
+        return jnp.concatenate(selected, axis=-1)
+
+    def image_features(self, pixel_values_nchw) -> jax.Array:
+        """Projected image features [N, P, D] as merged into the LLM sequence."""
+        return self.projector(self.vision_hidden_states(pixel_values_nchw))
+
+    def logits(self, hidden_btd) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return self.language_model.embed_tokens.attend(hidden_btd)
+        return self.lm_head(hidden_btd)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None,
+                 position_ids=None) -> LlavaOutput:
+        """input_ids [B, T] (left-padded), pixel_values [N, C, H, W] (HF NCHW),
+        attention_mask [B, T] (1 = token), position_ids [B, T] (default: from the mask)."""
+        if not isinstance(input_ids, jax.core.Tracer):
+            # Called eagerly: validate with concrete values, then run compiled.
+            check_image_tokens(input_ids, pixel_values, self.config)
+            return _forward_jit(self, jnp.asarray(input_ids),
+                                None if pixel_values is None else jnp.asarray(pixel_values),
+                                None if attention_mask is None else jnp.asarray(attention_mask),
+                                None if position_ids is None else jnp.asarray(position_ids))
+        return self.forward(input_ids, pixel_values, attention_mask, position_ids)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None,
+                position_ids=None) -> LlavaOutput:
+        """Traceable forward; `__call__` routes eager calls here through `nnx.jit`."""
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        image_mask_bt = input_ids == cfg.image_token_id
+        # Image-token ids may lie outside the vocabulary; they are overwritten below anyway.
+        safe_ids = jnp.where(image_mask_bt, 0, input_ids)
+        embeds_btd = self.language_model.embed_tokens(safe_ids)
+        if pixel_values is not None:
+            embeds_btd = merge_image_features(embeds_btd, image_mask_bt,
+                                              self.image_features(pixel_values))
+        hidden_btd = self.language_model(embeds_btd, attention_mask, position_ids)
+        return LlavaOutput(logits=self.logits(hidden_btd), image_mask=image_mask_bt)
+
+
+@nnx.jit
+def _forward_jit(model: LlavaModel, input_ids, pixel_values, attention_mask, position_ids):
+    return model.forward(input_ids, pixel_values, attention_mask, position_ids)
+
+
+def init_model(config: LlavaConfig, seed: int = 0) -> LlavaModel:
+    return LlavaModel(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: LlavaConfig) -> LlavaModel:
+    """The model with ShapeDtypeStruct leaves: shapes without allocating anything."""
+    return nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(0)))
+
+
+def param_dict(model: nnx.Module) -> dict[str, Any]:
+    """Nested {name: array} of the model's parameters (the checkpoint layout)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
