@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxground.models.config import LlavaConfig, dtype_of
-from jaxground.models.llava import LlavaModel, abstract_model
+from jaxground.models.llava import LlavaModel, abstract_model, param_dict
 
 CONFIG_FILE = "jaxground_config.json"
 PARAMS_DIR = "params"
@@ -100,7 +100,7 @@ def restore_params(path: str, config: LlavaConfig, shardings=None) -> dict[str, 
     `shardings`: a pytree of `jax.sharding.Sharding` matching the parameters, or None for
     the first local device.
     """
-    abstract = nnx.state(abstract_model(config), nnx.Param).to_pure_dict()
+    abstract = param_dict(abstract_model(config))
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)

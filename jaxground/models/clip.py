@@ -97,10 +97,10 @@ class ClipVisionModel(nnx.Module):
                              f"{size}x{size} images")
         x_nhwc = jnp.transpose(pixel_values_nchw, (0, 2, 3, 1)).astype(self.compute_dtype)
         patches_npd = rearrange(self.patch_embed(x_nhwc), "n gh gw d -> n (gh gw) d")
-        cls_n1d = jnp.broadcast_to(self.class_embedding.value.astype(patches_npd.dtype),
+        cls_n1d = jnp.broadcast_to(self.class_embedding[...].astype(patches_npd.dtype),
                                    (n, 1, patches_npd.shape[-1]))
         x_nsd = jnp.concatenate([cls_n1d, patches_npd], axis=1)
-        x_nsd = x_nsd + self.position_embedding.embedding.value.astype(x_nsd.dtype)[None]
+        x_nsd = x_nsd + self.position_embedding.embedding[...].astype(x_nsd.dtype)[None]
         x_nsd = self.pre_layernorm(x_nsd)
 
         outputs, done = {0: x_nsd}, 0

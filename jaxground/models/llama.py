@@ -27,7 +27,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale.value * x32.astype(x.dtype)).astype(self.dtype)
+        return (self.scale[...] * x32.astype(x.dtype)).astype(self.dtype)
 
 
 def rope_cos_sin(positions_bt, head_dim: int, theta: float, dtype):

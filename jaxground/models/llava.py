@@ -143,4 +143,4 @@ def abstract_model(config: LlavaConfig) -> LlavaModel:
 
 def param_dict(model: nnx.Module) -> dict[str, Any]:
     """Nested {name: array} of the model's parameters (the checkpoint layout)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
