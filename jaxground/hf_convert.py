@@ -19,11 +19,17 @@ from collections.abc import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from flax import nnx
+
 from jaxground import store
 from jaxground.hf_weights import canonical_key, hf_tensors, hub_layout, nnx_target
-from jaxground.models.config import ConfigError, LlavaConfig
+from jaxground.models.config import ConfigError, GroundingConfig, LlavaConfig, dtype_of
+from jaxground.models.llama import make_grounding_heads
 from jaxground.models.llava import abstract_model, param_dict
-from jaxground.safetensors_io import iter_checkpoint_files, write_safetensors
+from jaxground.safetensors_io import (HEADS_FILE, SafetensorsFile, iter_checkpoint_files,
+                                      write_safetensors)
+
+HEADS_PREFIX = ("language_model", "grounding_heads")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -78,7 +84,8 @@ def _pickle_sources(files: list[str]) -> Iterator[_Source]:
 
 
 def tensor_sources(hf_dir: str, allow_pickle: bool = False) -> list[_Source]:
-    has_st = bool(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    has_st = any(os.path.basename(f) != HEADS_FILE
+                 for f in glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if has_st:
         return list(_safetensors_sources(hf_dir))
     pickles = sorted(glob.glob(os.path.join(hf_dir, "*.bin")) + glob.glob(
@@ -162,10 +169,13 @@ def load_hf_params(hf_dir: str, config: LlavaConfig, allow_pickle: bool = False
                    ) -> dict[tuple[str, ...], np.ndarray]:
     """Flat {NNX path: array in config.param_dtype} read tensor by tensor from `hf_dir`."""
     abstract = _flat(param_dict(abstract_model(config)))
-    expected = {p: tuple(a.shape) for p, a in abstract.items()}
+    heads = grounding_heads(hf_dir, config)
+    expected = {p: tuple(a.shape) for p, a in abstract.items() if p not in heads}
     plan = _plan(tensor_sources(hf_dir, allow_pickle), expected, config.tie_word_embeddings)
     # np.empty reserves address space only; pages become resident as tensors land in them.
-    params = {p: np.empty(a.shape, np.dtype(a.dtype)) for p, a in abstract.items()}
+    params = {p: np.empty(a.shape, np.dtype(a.dtype)) for p, a in abstract.items()
+              if p not in heads}
+    params.update(heads)
     for src, target in plan:
         value = target.to_nnx(src.read())
         dest = params[target.path]
@@ -175,6 +185,28 @@ def load_hf_params(hf_dir: str, config: LlavaConfig, allow_pickle: bool = False
             dest[...] = value
         del value
     return params
+
+
+def grounding_heads(hf_dir: str, config: LlavaConfig) -> dict[tuple[str, ...], np.ndarray]:
+    """Head parameters: from `grounding_heads.safetensors` (written by `jaxground_to_hf`)
+    when present, else freshly initialised (HF checkpoints have no heads)."""
+    if not config.grounded_layers:
+        return {}
+    heads = make_grounding_heads(config.text, config.grounding, len(config.grounded_layers),
+                                 dtype_of(config.dtype), dtype_of(config.param_dtype),
+                                 nnx.Rngs(0))
+    fresh = {HEADS_PREFIX + p: np.asarray(v)
+             for p, v in _flat(nnx.to_pure_dict(nnx.state(heads, nnx.Param))).items()}
+    path = os.path.join(hf_dir, HEADS_FILE)
+    if not os.path.exists(path):
+        return fresh
+    st = SafetensorsFile(path)
+    saved = {tuple(k.split(".")): k for k in st.keys()}
+    if set(saved) != set(fresh) or any(st.shape(saved[p]) != fresh[p].shape for p in fresh):
+        raise ConversionError(f"{path} holds heads for another grounding config than "
+                              f"{config.grounding}; pass the matching grounding options or "
+                              "remove the file to start from fresh heads")
+    return {p: st.read(saved[p]).astype(fresh[p].dtype) for p in fresh}
 
 
 def _flat(nested: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
@@ -200,13 +232,17 @@ def copy_side_files(hf_dir: str, out_dir: str) -> list[str]:
 
 
 def hf_to_jaxground(hf_dir: str, out_dir: str, dtype: str | None = None,
-                    allow_pickle: bool = False) -> LlavaConfig:
+                    allow_pickle: bool = False, grounding: GroundingConfig | None = None
+                    ) -> LlavaConfig:
     """Converts an HF LLaVA dir to a jaxground checkpoint dir; returns the model config.
 
     `dtype` sets both the stored parameter dtype and the compute dtype (default: float32).
+    `grounding` sets the heads (default: the config saved beside exported heads, else
+    `GroundingConfig()`: similarity heads on the last four layers, freshly initialised).
     """
     overrides = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
-    config = LlavaConfig.from_hf(read_hf_config(hf_dir), **overrides)
+    grounding = grounding or saved_grounding_config(hf_dir) or GroundingConfig()
+    config = LlavaConfig.from_hf(read_hf_config(hf_dir), grounding=grounding, **overrides)
     params = load_hf_params(hf_dir, config, allow_pickle)
     os.makedirs(out_dir, exist_ok=True)
     copy_side_files(hf_dir, out_dir)
@@ -217,10 +253,14 @@ def hf_to_jaxground(hf_dir: str, out_dir: str, dtype: str | None = None,
 def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30) -> list[str]:
     """Writes `config.json` + safetensors shards (+ index when sharded); returns file names."""
     config = store.read_config(ckpt_dir)
-    params = _flat(store.restore_params(ckpt_dir, config))
+    params = {p: np.asarray(v) for p, v in _flat(store.restore_params(ckpt_dir, config)).items()}
     os.makedirs(out_dir, exist_ok=True)
-    tensors = [(k, np.asarray(v)) for k, v in hf_tensors(
-        {p: np.asarray(v) for p, v in params.items()}, hub_layout)]
+    heads = {p: params.pop(p) for p in list(params) if p[:2] == HEADS_PREFIX}
+    if heads:  # HF's LLaVA has no heads: they travel in a side file HF ignores
+        write_safetensors(os.path.join(out_dir, HEADS_FILE),
+                          [(".".join(p), v) for p, v in sorted(heads.items())],
+                          {"jaxground_grounding": json.dumps(config.to_dict()["grounding"])})
+    tensors = list(hf_tensors(params, hub_layout))
     shards, current, size = [], [], 0
     for name, arr in tensors:
         if current and size + arr.nbytes > max_shard_bytes:
@@ -244,4 +284,14 @@ def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30)
             shutil.copy2(src, os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=2)
-    return names + ["config.json"]
+    return names + ([HEADS_FILE] if heads else []) + ["config.json"]
+
+
+def saved_grounding_config(hf_dir: str) -> GroundingConfig | None:
+    path = os.path.join(hf_dir, HEADS_FILE)
+    if not os.path.exists(path):
+        return None
+    d = json.loads(SafetensorsFile(path).metadata.get("jaxground_grounding", "{}"))
+    if isinstance(d.get("layers"), list):
+        d["layers"] = tuple(d["layers"])
+    return GroundingConfig(**d)

@@ -26,6 +26,8 @@ DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+# Grounding heads exported beside an HF checkpoint; not part of the HF model's weights.
+HEADS_FILE = "grounding_heads.safetensors"
 
 
 class SafetensorsFile:
@@ -104,6 +106,7 @@ def iter_checkpoint_files(hf_dir: str | os.PathLike) -> Iterator[SafetensorsFile
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) {missing} that are not in {hf_dir}")
     else:
-        names = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
+        names = sorted(n for n in os.listdir(hf_dir)
+                       if n.endswith(".safetensors") and n != HEADS_FILE)
     for n in names:
         yield SafetensorsFile(os.path.join(hf_dir, n))

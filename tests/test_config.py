@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
-from jaxground.models.config import LlavaConfig, llava_1_5_13b, llava_1_5_7b
+from jaxground.models.config import GroundingConfig, LlavaConfig, llava_1_5_13b, llava_1_5_7b
 from jaxground.models.llava import abstract_model, param_dict
 
 
@@ -34,8 +34,11 @@ def test_presets_have_the_real_shapes(preset, sizes):
     with torch.device("meta"):
         hf_model = LlavaForConditionalGeneration(hf_cfg)
     hf_count = sum(p.numel() for p in hf_model.parameters())
-    ours_count = sum(math.prod(a.shape) for a in jax.tree.leaves(param_dict(abstract_model(ours))))
-    assert ours_count == hf_count
+    no_heads = ours.replace(grounding=GroundingConfig(layers=()))
+    count = lambda cfg: sum(math.prod(a.shape) for a in
+                            jax.tree.leaves(param_dict(abstract_model(cfg))))
+    assert count(no_heads) == hf_count
+    assert count(ours) == hf_count + 4 * 2  # four similarity heads: scale and bias each
     assert (hf_count > 7.0e9) if sizes[0] == 4096 else (hf_count > 13.0e9)
 
 

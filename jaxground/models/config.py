@@ -66,10 +66,30 @@ class TextConfig:
     hidden_act: str = "silu"
 
 
+GROUNDING_TYPES = ("similarity", "learned", "cross_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundingConfig:
+    """Grounding heads (see models/grounding.py for the score formulas)."""
+
+    # Decoder layer indices carrying a head. None: the last four layers (28-31 for the
+    # 32-layer 7B, 36-39 for 13B); (): no heads at all.
+    layers: tuple[int, ...] | None = None
+    type: str = "similarity"
+    dim: int = 256             # grounding space of the `learned` head
+    num_heads: int = 8         # attention heads of the `cross_attention` head
+    aggregate: str = "mean"    # over grounded layers: "mean" | "max"
+    image_features: str = "projected"  # "projected" (merged projector output) | "hidden"
+    init_scale: float = 1 / 0.07       # calibration scale at init (the seed's temperature)
+    init_bias: float = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
     image_token_id: int = 32000
     # HF semantics: an index into CLIP's hidden_states tuple (0 = embeddings after
     # pre_layrnorm, i = output of layer i; negative counts from the end), or a tuple of them
@@ -103,7 +123,17 @@ class LlavaConfig:
         extra = 1 if self.vision_feature_select_strategy == "full" else 0
         return self.vision.num_patches + extra
 
+    @property
+    def grounded_layers(self) -> tuple[int, ...]:
+        """Sorted decoder layer indices that carry a grounding head."""
+        layers = self.grounding.layers
+        if layers is None:
+            n = self.text.num_layers
+            return tuple(range(max(0, n - 4), n))
+        return tuple(sorted(layers))
+
     def validate(self) -> None:
+        self._validate_grounding()
         n = self.vision.num_layers + 1
         for raw, l in zip(
             (self.vision_feature_layer,) if isinstance(self.vision_feature_layer, int)
@@ -134,6 +164,28 @@ class LlavaConfig:
         dtype_of(self.param_dtype)
         dtype_of(self.dtype)
 
+    def _validate_grounding(self) -> None:
+        g, n = self.grounding, self.text.num_layers
+        if g.layers is not None:
+            bad = [l for l in g.layers if not (isinstance(l, int) and 0 <= l < n)]
+            if bad:
+                raise ConfigError(f"grounding.layers {list(g.layers)}: {bad} out of range for a "
+                                  f"decoder with {n} layers (valid: 0..{n - 1})")
+            dup = sorted({l for l in g.layers if list(g.layers).count(l) > 1})
+            if dup:
+                raise ConfigError(f"grounding.layers {list(g.layers)}: {dup} listed twice")
+        for field, value, allowed in (("type", g.type, GROUNDING_TYPES),
+                                      ("aggregate", g.aggregate, ("mean", "max")),
+                                      ("image_features", g.image_features,
+                                       ("projected", "hidden"))):
+            if value not in allowed:
+                raise ConfigError(f"grounding.{field} {value!r} is not one of {list(allowed)}")
+        if g.type == "cross_attention" and self.text.hidden_size % g.num_heads:
+            raise ConfigError(f"grounding.num_heads={g.num_heads} must divide "
+                              f"text.hidden_size={self.text.hidden_size}")
+        if g.type == "learned" and g.dim <= 0:
+            raise ConfigError(f"grounding.dim={g.dim} must be positive")
+
     def replace(self, **changes) -> "LlavaConfig":
         return dataclasses.replace(self, **changes)
 
@@ -142,6 +194,8 @@ class LlavaConfig:
         d = dataclasses.asdict(self)
         if isinstance(self.vision_feature_layer, tuple):
             d["vision_feature_layer"] = list(self.vision_feature_layer)
+        if self.grounding.layers is not None:
+            d["grounding"]["layers"] = list(self.grounding.layers)
         return d
 
     @classmethod
@@ -153,9 +207,13 @@ class LlavaConfig:
             raise ConfigError(f"unknown model config fields {unknown}; known: {sorted(known)}")
         vision = _sub(VisionConfig, d.pop("vision", {}), "vision")
         text = _sub(TextConfig, d.pop("text", {}), "text")
+        grounding = dict(d.pop("grounding", {}))
+        if isinstance(grounding.get("layers"), list):
+            grounding["layers"] = tuple(grounding["layers"])
+        grounding = _sub(GroundingConfig, grounding, "grounding")
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
-        return cls(vision=vision, text=text, **d)
+        return cls(vision=vision, text=text, grounding=grounding, **d)
 
     # ---- HF config.json -----------------------------------------------------------------
     @classmethod

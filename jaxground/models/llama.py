@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from einops import rearrange
-from flax import nnx
+from flax import nnx, struct
 
-from jaxground.models.config import TextConfig, dtype_of
+from jaxground.models.config import GroundingConfig, TextConfig, dtype_of
+from jaxground.models.grounding import GroundingHead, gather_rows
 from jaxground.models.layers import scan_layers, stack_layers
 
 
@@ -107,13 +108,50 @@ class DecoderLayer(nnx.Module):
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, mask_b1ts)
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
+    def grounded(self, head: GroundingHead, ground: "GroundingInputs", x_btd, cos_bth, sin_bth,
+                 mask_b1ts):
+        """The layer, then its grounding head on the layer's output.
+
+        Returns (hidden [B, T, D], logits [B, T]). A cross-attention head's gated image
+        summary joins the residual stream at scored (text) positions only.
+        """
+        x_btd = self(x_btd, cos_bth, sin_bth, mask_b1ts)
+        image_bkd = (ground.projected_bkd if ground.projected_bkd is not None
+                     else gather_rows(x_btd, ground.image_positions_bk))
+        logits_bt, update_btd = head(x_btd, image_bkd, ground.image_valid_bk)
+        if update_btd is not None:
+            x_btd = x_btd + jnp.where(ground.text_mask_bt[..., None], update_btd, 0)
+        return x_btd, jnp.where(ground.text_mask_bt, logits_bt, 0.0)
+
+
+@struct.dataclass
+class GroundingInputs:
+    """What the grounded layers need besides the hidden states."""
+
+    image_positions_bk: jax.Array       # [B, K] positions of each row's image tokens
+    image_valid_bk: jax.Array           # [B, K] bool
+    text_mask_bt: jax.Array             # [B, T] bool: positions that get a score
+    projected_bkd: jax.Array | None     # [B, K, D] projected image features, or None to
+                                        # use the image-token hidden states of each layer
+
+
+def make_grounding_heads(text: TextConfig, grounding: GroundingConfig, num: int, dtype,
+                         param_dtype, rngs: nnx.Rngs) -> GroundingHead:
+    """`num` heads stacked on a leading [G] axis (one per grounded layer)."""
+    d = text.hidden_size
+    return stack_layers(lambda r: GroundingHead(grounding, d, d, dtype, param_dtype, rngs=r),
+                        num, rngs)
+
 
 class LlamaModel(nnx.Module):
     """Token embedding, stacked decoder layers, final norm (no lm_head: LLaVA owns it)."""
 
     def __init__(self, cfg: TextConfig, dtype: str = "float32", param_dtype: str = "float32",
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, grounding: GroundingConfig | None = None,
+                 grounded_layers: tuple[int, ...] = ()):
         self.config = cfg
+        self.grounding_config = grounding
+        self.grounded_layers = tuple(sorted(grounded_layers))
         dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
         self.compute_dtype = dt
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
@@ -121,18 +159,42 @@ class LlamaModel(nnx.Module):
         self.layers = stack_layers(lambda r: DecoderLayer(cfg, dt, pdt, rngs=r), cfg.num_layers,
                                    rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, pdt, rngs=rngs)
+        if self.grounded_layers:
+            self.grounding_heads = make_grounding_heads(cfg, grounding, len(grounded_layers),
+                                                        dt, pdt, rngs)
 
-    def segments(self) -> tuple[tuple[int, int], ...]:
-        """[start, stop) runs of layers executed by one scan each."""
-        return ((0, self.config.num_layers),)
+    def segments(self) -> list[tuple[int, int, int | None]]:
+        """Runs of layers executed by one scan each: (start, stop, first head index or None
+        for plain layers)."""
+        grounded, out, start = set(self.grounded_layers), [], 0
+        for l in range(1, self.config.num_layers + 1):
+            if l == self.config.num_layers or ((l in grounded) != (start in grounded)):
+                head = self.grounded_layers.index(start) if start in grounded else None
+                out.append((start, l, head))
+                start = l
+        return out
 
-    def __call__(self, inputs_embeds_btd, attention_mask_bt, positions_bt):
-        """Returns the final normed hidden states [B, T, D]."""
+    def __call__(self, inputs_embeds_btd, attention_mask_bt, positions_bt,
+                 ground: GroundingInputs | None = None):
+        """Returns (final normed hidden states [B, T, D], head logits [G, B, T] or None)."""
         cfg = self.config
         x_btd = inputs_embeds_btd.astype(self.compute_dtype)
         cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, x_btd.dtype)
         mask = attention_mask(attention_mask_bt)
-        body = lambda layer, c, _: (layer(c, cos, sin, mask), None)
-        for start, stop in self.segments():
-            x_btd, _ = scan_layers(self.layers, x_btd, body, start, stop)
-        return self.norm(x_btd)
+        plain = lambda layer, c, _: (layer(c, cos, sin, mask), None)
+        heads = nnx.split(self.grounding_heads) if self.grounded_layers else None
+        scores = []
+        for start, stop, head in self.segments():
+            if head is None or ground is None:
+                x_btd, _ = scan_layers(self.layers, x_btd, plain, start, stop)
+                continue
+            head_def, head_state = heads
+            head_state = jax.tree.map(lambda a: a[head:head + stop - start], head_state)
+
+            def grounded(layer, c, h_state):
+                return layer.grounded(nnx.merge(head_def, h_state), ground, c, cos, sin, mask)
+
+            x_btd, logits_gbt = scan_layers(self.layers, x_btd, grounded, start, stop,
+                                            xs=head_state)
+            scores.append(logits_gbt)
+        return self.norm(x_btd), (jnp.concatenate(scores) if scores else None)

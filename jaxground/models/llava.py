@@ -11,7 +11,8 @@ from flax import nnx, struct
 
 from jaxground.models.clip import ClipVisionModel
 from jaxground.models.config import LlavaConfig, dtype_of
-from jaxground.models.llama import LlamaModel, positions_from_mask
+from jaxground.models.grounding import aggregate, gather_rows, grounding_mask, image_slots
+from jaxground.models.llama import GroundingInputs, LlamaModel, positions_from_mask
 
 
 @struct.dataclass
@@ -71,7 +72,8 @@ class LlavaModel(nnx.Module):
                                             rngs=rngs)
         self.projector = Projector(config, rngs=rngs)
         self.language_model = LlamaModel(config.text, config.dtype, config.param_dtype,
-                                         rngs=rngs)
+                                         rngs=rngs, grounding=config.grounding,
+                                         grounded_layers=config.grounded_layers)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(config.text.hidden_size, config.text.vocab_size,
                                       use_bias=False, dtype=dtype_of(config.dtype),
@@ -120,11 +122,31 @@ class LlavaModel(nnx.Module):
         # Image-token ids may lie outside the vocabulary; they are overwritten below anyway.
         safe_ids = jnp.where(image_mask_bt, 0, input_ids)
         embeds_btd = self.language_model.embed_tokens(safe_ids)
+        ground = None
         if pixel_values is not None:
             embeds_btd = merge_image_features(embeds_btd, image_mask_bt,
                                               self.image_features(pixel_values))
-        hidden_btd = self.language_model(embeds_btd, attention_mask, position_ids)
-        return LlavaOutput(logits=self.logits(hidden_btd), image_mask=image_mask_bt)
+            if cfg.grounded_layers:
+                ground = self.grounding_inputs(embeds_btd, image_mask_bt, attention_mask)
+        hidden_btd, scores_gbt = self.language_model(embeds_btd, attention_mask, position_ids,
+                                                     ground)
+        out = LlavaOutput(logits=self.logits(hidden_btd), image_mask=image_mask_bt)
+        if scores_gbt is None:
+            return out
+        return out.replace(
+            grounding_scores={l: scores_gbt[i] for i, l in enumerate(cfg.grounded_layers)},
+            grounding_mask=ground.text_mask_bt,
+            grounding=aggregate(scores_gbt, cfg.grounding.aggregate))
+
+    def grounding_inputs(self, embeds_btd, image_mask_bt, attention_mask_bt) -> GroundingInputs:
+        """Each row's image patches (its first `image_seq_length` image tokens; one image per
+        row, as in LLaVA-1.5) and the text positions to score."""
+        positions_bk, valid_bk = image_slots(image_mask_bt, self.config.image_seq_length)
+        projected = (gather_rows(embeds_btd, positions_bk)
+                     if self.config.grounding.image_features == "projected" else None)
+        return GroundingInputs(image_positions_bk=positions_bk, image_valid_bk=valid_bk,
+                               text_mask_bt=grounding_mask(image_mask_bt, attention_mask_bt),
+                               projected_bkd=projected)
 
 
 @nnx.jit
