@@ -10,6 +10,7 @@ import sys
 import time
 
 from jaxground.hf_convert import hf_to_jaxground
+from jaxground.models.config import GROUNDING_TYPES, GroundingConfig
 
 
 def _rss_bytes() -> int:
@@ -26,10 +27,22 @@ def main(argv=None) -> int:
                         help="parameter and compute dtype (default float32)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pytorch_model*.bin (unpickling can execute code)")
+    parser.add_argument("--grounding_type", choices=GROUNDING_TYPES, default=None,
+                        help="grounding head type (default: similarity)")
+    parser.add_argument("--grounding_layers", default=None,
+                        help="comma-separated decoder layers with a head (default: the last "
+                             "four); 'none' for no heads")
     args = parser.parse_args(argv)
     start_rss, t0 = _rss_bytes(), time.time()
     try:
-        config = hf_to_jaxground(args.hf_dir, args.out, args.dtype, args.allow_pickle)
+        grounding = None
+        if args.grounding_type or args.grounding_layers:
+            layers = args.grounding_layers
+            layers = (None if layers is None else () if layers == "none"
+                      else tuple(int(x) for x in layers.split(",")))
+            grounding = GroundingConfig(layers=layers, type=args.grounding_type or "similarity")
+        config = hf_to_jaxground(args.hf_dir, args.out, args.dtype, args.allow_pickle,
+                                 grounding)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -37,7 +50,8 @@ def main(argv=None) -> int:
     weights = sum(os.path.getsize(os.path.join(args.hf_dir, n)) for n in os.listdir(args.hf_dir)
                   if n.endswith((".safetensors", ".bin")))
     print(f"converted {args.hf_dir} -> {args.out} ({config.text.num_layers} decoder layers, "
-          f"{config.param_dtype}) in {time.time() - t0:.1f}s")
+          f"{config.param_dtype}, {config.grounding.type} grounding heads on layers "
+          f"{list(config.grounded_layers)}) in {time.time() - t0:.1f}s")
     print(f"memory: checkpoint_bytes={weights} peak_rss_bytes={peak} "
           f"start_rss_bytes={start_rss} peak_over_checkpoint={peak / max(weights, 1):.3f} "
           f"added_over_checkpoint={(peak - start_rss) / max(weights, 1):.3f}")
