@@ -47,6 +47,8 @@ class _Source:
     key: str
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]
+    # rows [start, stop) of the first axis; None where only whole reads are possible
+    read_rows: Callable[[int, int], np.ndarray] | None = None
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -66,7 +68,8 @@ def read_hf_config(hf_dir: str) -> dict:
 def _safetensors_sources(hf_dir: str) -> Iterator[_Source]:
     for st in iter_checkpoint_files(hf_dir):
         for key in st.keys():
-            yield _Source(st.path, key, st.shape(key), lambda st=st, key=key: st.read(key))
+            yield _Source(st.path, key, st.shape(key), lambda st=st, key=key: st.read(key),
+                          lambda a, b, st=st, key=key: st.read(key, (a, b)))
 
 
 def _pickle_sources(files: list[str]) -> Iterator[_Source]:
@@ -177,14 +180,36 @@ def load_hf_params(hf_dir: str, config: LlavaConfig, allow_pickle: bool = False
               if p not in heads}
     params.update(heads)
     for src, target in plan:
-        value = target.to_nnx(src.read())
         dest = params[target.path]
-        if target.layer is not None:
-            dest[target.layer] = value  # casts to the target dtype in place
-        else:
-            dest[...] = value
-        del value
+        _fill(dest[target.layer] if target.layer is not None else dest, src, target)
     return params
+
+
+_BLOCK_BYTES = 16 << 20  # the most a tensor read holds beyond the parameters themselves
+
+
+def _fill(dest: np.ndarray, src: _Source, target) -> None:
+    """Copies `src` into its slot `dest` (a view), casting to dest's dtype in place.
+
+    Large tensors are read in blocks of rows of their first (HF) axis: converting holds the
+    parameters plus at most `_BLOCK_BYTES`, not plus the largest tensor (the embedding).
+    """
+    shape = tuple(src.shape)
+    row_bytes = int(np.prod(shape[1:])) * max(dest.itemsize, 4) if shape else 0
+    if src.read_rows is None or not shape or shape[0] * row_bytes <= _BLOCK_BYTES:
+        dest[...] = target.to_nnx(src.read())
+        return
+    # Where the HF first axis lands in the NNX layout (to_nnx only transposes): probe it on
+    # a view that takes no memory and whose only non-zero stride is the first axis.
+    probe = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape,
+                                            (1,) + (0,) * (len(shape) - 1))
+    axis = target.to_nnx(probe).strides.index(1)
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    index = [slice(None)] * dest.ndim
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        index[axis] = slice(start, stop)
+        dest[tuple(index)] = target.to_nnx(src.read_rows(start, stop))
 
 
 def grounding_heads(hf_dir: str, config: LlavaConfig) -> dict[tuple[str, ...], np.ndarray]:

@@ -57,13 +57,21 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {code}")
         return DTYPES[code]
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor, or only rows [start, stop) of its first axis (contiguous in the file)."""
         entry = self.entries[name]
         begin, end = entry["data_offsets"]
-        out = np.empty(self.shape(name), self.dtype(name))
-        if out.nbytes != end - begin:
+        shape, dtype = self.shape(name), self.dtype(name)
+        if int(np.prod(shape)) * dtype.itemsize != end - begin:
             raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape "
-                             f"{out.shape} {out.dtype}")
+                             f"{shape} {dtype}")
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"{self.path}: rows {rows} out of range for {name!r} {shape}")
+            row_bytes = (end - begin) // shape[0]
+            begin, shape = begin + start * row_bytes, (stop - start,) + shape[1:]
+        out = np.empty(shape, dtype)
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:

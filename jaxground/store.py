@@ -44,11 +44,28 @@ def save_params(out_dir: str, config: LlavaConfig, params: dict) -> None:
         params = _nest(params)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
-        ckptr.wait_until_finished()
+    with ocp.Checkpointer(_save_handler()) as ckptr:  # synchronous: returns when written
+        ckptr.save(os.path.join(out_dir, PARAMS_DIR), args=ocp.args.PyTreeSave(params),
+                   force=True)
     # The config goes last: a dir with a config always has complete parameters.
     write_config(out_dir, config)
+
+
+def _save_handler() -> ocp.PyTreeCheckpointHandler:
+    """The PyTree handler `save_params` writes with: no second copy of the model.
+
+    `StandardCheckpointer` deep-copies every numpy array before its async write, and its
+    zstd-encoded chunks wait in OCDBT's buffers until a data file (2 GiB) fills: together
+    ~2x the parameters on top of them (a 605 MiB fp32 model peaked at 1982 MiB). Here numpy
+    arrays are written in place (the save is synchronous, nothing mutates them meanwhile) and
+    uncompressed, which tensorstore writes straight from the source arrays (peak: the
+    parameters). Costs disk: weights barely compress (fp32 +8%, bf16 +28% vs zstd). Still an
+    ordinary OCDBT PyTree checkpoint: `StandardCheckpointer` restores it.
+    """
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
 
 
 def write_config(out_dir: str, config: LlavaConfig) -> None:
