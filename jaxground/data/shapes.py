@@ -1,0 +1,188 @@
+"""The shapes world: a seeded synthetic COCO-format corpus small enough to train on a CPU.
+
+Each image (default 64x64) holds 1-4 coloured shapes. Objects are shapes; colours are
+attributes. Some shapes usually appear together (`CO_OCCUR`), so a model that learns the
+captions' statistics instead of looking will name the partner when it is absent: the
+hallucination the grounding heads are meant to catch.
+
+  python -m jaxground.data.shapes --out DIR --num-images N --seed S
+
+writes DIR/images/*.png, DIR/annotations/instances.json (COCO: images, annotations with
+boxes, categories), DIR/annotations/captions.json (COCO captions) and DIR/tokenizer.json
+(a WordLevel tokenizer trained on the world's text with `tokenizers`). Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220),
+           "yellow": (230, 200, 40), "purple": (150, 60, 180), "orange": (240, 140, 30)}
+# (a, b, p): when `a` is drawn, `b` joins it with probability p.
+CO_OCCUR = (("circle", "square", 0.9), ("triangle", "star", 0.9), ("ring", "bar", 0.85))
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+# Words of the prompts and answers the data pipeline and evaluation build around captions.
+PROMPT_WORDS = ("user assistant describe the image . is there a an in ? yes no answer "
+                "question using single word or phrase : , and with of on").split()
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 4
+    min_size: int = 14
+    max_size: int = 24
+    co_occur: tuple = CO_OCCUR
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, w // 5))
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
+    elif shape == "cross":
+        t = w // 3
+        draw.rectangle((x0, cy - t / 2, x1, cy + t / 2), fill=colour)
+        draw.rectangle((cx - t / 2, y0, cx + t / 2, y1), fill=colour)
+    elif shape == "star":
+        pts = []
+        for i in range(10):
+            r = (w / 2) if i % 2 == 0 else (w / 5)
+            a = math.pi / 2 + i * math.pi / 5
+            pts.append((cx + r * math.cos(a), cy - r * math.sin(a)))
+        draw.polygon(pts, fill=colour)
+    elif shape == "bar":
+        draw.rectangle((x0, cy - h / 6, x1, cy + h / 6), fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _overlaps(a, b, pad=2) -> bool:
+    return not (a[2] + pad <= b[0] or b[2] + pad <= a[0] or a[3] + pad <= b[1]
+                or b[3] + pad <= a[1])
+
+
+def sample_scene(rng: random.Random, cfg: WorldConfig) -> list[tuple[str, str, tuple]]:
+    """[(shape, colour, (x0, y0, x1, y1))], non-overlapping, with co-occurrence bias."""
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    shapes: list[str] = []
+    while len(shapes) < n:
+        s = rng.choice([x for x in SHAPES if x not in shapes])
+        shapes.append(s)
+        for a, b, p in cfg.co_occur:
+            if s == a and b not in shapes and rng.random() < p and len(shapes) < cfg.max_objects:
+                shapes.append(b)
+    objects, boxes = [], []
+    for s in shapes:
+        for _ in range(50):  # rejection sampling for a free spot
+            size = rng.randint(cfg.min_size, cfg.max_size)
+            x0 = rng.randint(0, cfg.image_size - size)
+            y0 = rng.randint(0, cfg.image_size - size)
+            box = (x0, y0, x0 + size, y0 + size)
+            if not any(_overlaps(box, b) for b in boxes):
+                boxes.append(box)
+                objects.append((s, rng.choice(sorted(COLOURS)), box))
+                break
+    return objects
+
+
+def caption(objects, rng: random.Random) -> str:
+    """'a red circle and a blue square .' (objects in a random order)."""
+    parts = [f"a {colour} {shape}" for shape, colour, _ in rng.sample(objects, len(objects))]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{rng.choice(['there is', 'the image shows', 'i see'])} {body} ."
+
+
+def render(objects, cfg: WorldConfig, rng: random.Random) -> Image.Image:
+    shade = rng.randint(200, 245)
+    img = Image.new("RGB", (cfg.image_size, cfg.image_size), (shade, shade, shade))
+    draw = ImageDraw.Draw(img)
+    for shape, colour, box in objects:
+        _draw(draw, shape, box, COLOURS[colour])
+    return img
+
+
+def write_world(out_dir: str, num_images: int, seed: int, cfg: WorldConfig = WorldConfig(),
+                captions_per_image: int = 2) -> dict:
+    """Generates the world into `out_dir`; returns a small summary."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    categories = [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in
+                  enumerate(SHAPES)]
+    cat_id = {c["name"]: c["id"] for c in categories}
+    images, instances, captions = [], [], []
+    for image_id in range(1, num_images + 1):
+        objects = sample_scene(rng, cfg)
+        name = f"shapes_{seed}_{image_id:06d}.png"
+        render(objects, cfg, rng).save(os.path.join(out_dir, "images", name), optimize=False)
+        images.append({"id": image_id, "file_name": name, "width": cfg.image_size,
+                       "height": cfg.image_size})
+        for shape, colour, (x0, y0, x1, y1) in objects:
+            instances.append({"id": len(instances) + 1, "image_id": image_id,
+                              "category_id": cat_id[shape], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                              "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+                              "attributes": {"colour": colour}})
+        for _ in range(captions_per_image):
+            captions.append({"id": len(captions) + 1, "image_id": image_id,
+                             "caption": caption(objects, rng)})
+    info = {"description": f"jaxground shapes world, seed {seed}", "version": "1"}
+    _dump(os.path.join(out_dir, "annotations", "instances.json"),
+          {"info": info, "images": images, "annotations": instances, "categories": categories})
+    _dump(os.path.join(out_dir, "annotations", "captions.json"),
+          {"info": info, "images": images, "annotations": captions})
+    train_tokenizer([c["caption"] for c in captions]).save(
+        os.path.join(out_dir, "tokenizer.json"))
+    return {"images": len(images), "objects": len(instances), "captions": len(captions)}
+
+
+def _dump(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def train_tokenizer(texts: list[str]):
+    """A WordLevel tokenizer over the world's whole vocabulary (so it never depends on which
+    words the sampled captions happened to use)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("<image>", "isolated"), pre_tokenizers.Whitespace()])
+    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
+    vocabulary = list(SHAPES) + sorted(COLOURS) + PROMPT_WORDS + ["see", "shows", "there"]
+    tok.train_from_iterator(sorted(texts) + vocabulary, trainer=trainer)
+    return tok
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Generate the synthetic shapes world.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    args = p.parse_args(argv)
+    summary = write_world(args.out, args.num_images, args.seed,
+                          WorldConfig(image_size=args.image_size))
+    print(f"wrote {args.out}: {summary}")
+
+
+if __name__ == "__main__":
+    main()
