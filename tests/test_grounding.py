@@ -111,6 +111,7 @@ def labelled_batch(cfg, seed=0):
     px = rng.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size).astype(np.float32)
     batch = dict(input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels,
                  grounding_labels=g, is_positive=np.array([True, False, True]),
+                 lm_rows=np.array([True, False, True]),
                  pair_index=np.array([1, 0, -1]))
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -170,12 +171,12 @@ def test_zero_grounding_weight_is_exactly_the_lm_loss():
     batch = labelled_batch(cfg)
     out = forward(model, batch)
     loss, metrics = total_loss(out, batch, LossConfig(grounding_weight=0.0))
-    lm, _ = lm_loss(out.logits, batch["labels"], batch["is_positive"])
+    lm, _ = lm_loss(out.logits, batch["labels"], batch["lm_rows"])
     assert float(loss) == float(lm) and float(metrics["grounding_loss"]) > 0
     g0 = nnx.grad(lambda m: total_loss(forward(m, batch), batch,
                                        LossConfig(grounding_weight=0.0))[0])(model)
     g_lm = nnx.grad(lambda m: lm_loss(forward(m, batch).logits, batch["labels"],
-                                      batch["is_positive"])[0])(model)
+                                      batch["lm_rows"])[0])(model)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g_lm)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -198,16 +199,16 @@ def test_negative_captions_never_reach_the_lm_loss():
     cfg = tiny()
     model = init_model(cfg)
     batch = labelled_batch(cfg)
-    base = lm_loss(forward(model, batch).logits, batch["labels"], batch["is_positive"])[0]
+    base = lm_loss(forward(model, batch).logits, batch["labels"], batch["lm_rows"])[0]
     ids = batch["input_ids"].at[1, -8:].set(7)  # rewrite the negative caption
     changed = {**batch, "input_ids": ids, "labels": batch["labels"].at[1, -8:].set(7)}
-    after = lm_loss(forward(model, changed).logits, changed["labels"], changed["is_positive"])[0]
+    after = lm_loss(forward(model, changed).logits, changed["labels"], changed["lm_rows"])[0]
     np.testing.assert_allclose(float(after), float(base), rtol=0, atol=1e-7)
     # The same change to a positive caption does move it (the test can see a change).
     ids = batch["input_ids"].at[0, -8:].set(7)
     moved = {**batch, "input_ids": ids, "labels": batch["labels"].at[0, -8:].set(7)}
     assert abs(float(lm_loss(forward(model, moved).logits, moved["labels"],
-                             moved["is_positive"])[0]) - float(base)) > 1e-3
+                             moved["lm_rows"])[0]) - float(base)) > 1e-3
 
 
 def test_auroc_matches_pair_counting():

@@ -4,8 +4,10 @@ Batch conventions (all [B, T] unless noted; produced by the data pipeline):
   labels            LM targets aligned with input_ids (HF style, shifted here); -100 = none
   grounding_labels  1 = mention of an object in the image, 0 = of an absent (hallucinated)
                     object, -1 = no label
-  is_positive [B]   True for the faithful caption; negatives never contribute LM loss
-  pair_index  [B]   row of the paired caption (positive <-> negative), -1 if unpaired
+  lm_rows     [B]   rows whose answer trains the LM: faithful captions and every question
+                    (a "no" answer is faithful too); hallucinated captions never do
+  is_positive [B]   margin role: True for the row whose object mentions are real
+  pair_index  [B]   row of the paired example (positive <-> negative), -1 if unpaired
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ class LossConfig:
     margin: float = 1.0
 
 
-def lm_loss(logits_btv, labels_bt, is_positive_b):
-    """Mean next-token cross-entropy over answer tokens of positive examples.
+def lm_loss(logits_btv, labels_bt, lm_rows_b):
+    """Mean next-token cross-entropy over answer tokens of the rows in `lm_rows_b`.
 
     Returns (loss, number of tokens). Logits are upcast to fp32 here, token by token.
     """
     targets = labels_bt[:, 1:]
-    valid = (targets != IGNORE) & is_positive_b[:, None]
+    valid = (targets != IGNORE) & lm_rows_b[:, None]
     ce = optax.softmax_cross_entropy_with_integer_labels(
         logits_btv[:, :-1].astype(jnp.float32), jnp.where(valid, targets, 0))
     count = valid.sum()
@@ -92,7 +94,7 @@ def total_loss(output, batch: dict, cfg: LossConfig):
     The grounding loss and AUROC are reported even at weight 0 (an ungrounded baseline's
     scores are still measured); at weight 0 the loss is exactly the LM loss.
     """
-    lm, n_tokens = lm_loss(output.logits, batch["labels"], batch["is_positive"])
+    lm, n_tokens = lm_loss(output.logits, batch["labels"], batch["lm_rows"])
     metrics = {"lm_loss": lm, "lm_tokens": n_tokens}
     if output.grounding is None:  # a model without heads
         return lm, {**metrics, "loss": lm, "grounding_loss": jnp.zeros(()),
