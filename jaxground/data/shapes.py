@@ -161,9 +161,10 @@ def _dump(path: str, obj) -> None:
 def train_tokenizer(texts: list[str]):
     """A WordLevel tokenizer over the world's whole vocabulary (so it never depends on which
     words the sampled captions happened to use)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()  # "Yes" and "yes" are one word here
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split("<image>", "isolated"), pre_tokenizers.Whitespace()])
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)

@@ -1,0 +1,157 @@
+"""Deterministic, resumable grain pipeline from grounding records to padded batches.
+
+source (groups of records sharing a pair_id) -> shard by JAX process -> seeded shuffle ->
+repeat -> build one positive/negative pair per group (seeded per index) -> decode image +
+tokenize -> drop bad images (logged, counted) -> batch with padding to a fixed length ->
+optional multiprocess prefetch. The iterator's state (`get_state` / `set_state`) is small
+JSON-able data, saved with training checkpoints; resuming replays the exact batch sequence.
+
+A group always yields two rows, paired: [positive, negative] for captions (a faithful
+caption and one of its hallucinated twins) and [yes, no] for POPE-style questions about
+the same image. Row 2i pairs with row 2i+1 in every batch (`pair_index`), as the margin
+loss needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+
+import grain
+import numpy as np
+
+from jaxground.data.processor import IGNORE, BadImageError, Processor
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    groups_per_batch: int = 8        # a batch has 2x this many rows
+    max_length: int = 128            # every batch is padded to this length (no recompiles)
+    seed: int = 0
+    num_epochs: int | None = None    # None: repeat forever
+    workers: int = 0                 # grain worker processes (0: in-process)
+    on_bad_image: str = "skip"       # "skip" (log + count) | "error"
+    on_too_long: str = "drop"        # "drop" | "error"
+    caption_prompt: str = "Describe the image."
+    question_suffix: str = " Answer the question using a single word or phrase."
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("skip", "error"):
+            raise ValueError(f"data.on_bad_image {self.on_bad_image!r}: use 'skip' or 'error'")
+        if self.on_too_long not in ("drop", "error"):
+            raise ValueError(f"data.on_too_long {self.on_too_long!r}: use 'drop' or 'error'")
+
+
+def make_groups(records: list[dict]) -> list[dict]:
+    """Records -> groups that can yield a (positive, negative) pair, in a stable order."""
+    by_pair: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in records:
+        by_pair[r["pair_id"]].append(r)
+    groups = []
+    for pair_id in sorted(by_pair):
+        rs = by_pair[pair_id]
+        pos = [r for r in rs if r["label"] == "positive"]
+        neg = [r for r in rs if r["label"] == "negative"]
+        if pos and neg:
+            groups.append({"pair_id": pair_id, "kind": rs[0]["kind"], "positives": pos,
+                           "negatives": neg})
+    return groups
+
+
+class BadImageCounter:
+    """Skipped examples in this process (with grain workers, each worker logs its own)."""
+
+    def __init__(self):
+        self.count = 0
+        self.paths: list[str] = []
+
+
+class PairBuilder:
+    """One group -> a two-row example, or None when its image is bad and skipping."""
+
+    def __init__(self, processor: Processor, image_root: str, cfg: PipelineConfig,
+                 counter: BadImageCounter):
+        self.processor, self.image_root, self.cfg, self.counter = (processor, image_root, cfg,
+                                                                   counter)
+
+    def _row(self, record: dict) -> dict | None:
+        if record["kind"] == "question":
+            answer = record["answer"].capitalize()
+            return self.processor.encode(record["text"] + self.cfg.question_suffix, answer,
+                                         question_spans=record["spans"],
+                                         on_too_long=self.cfg.on_too_long)
+        return self.processor.encode(self.cfg.caption_prompt, record["text"],
+                                     answer_spans=record["spans"],
+                                     on_too_long=self.cfg.on_too_long)
+
+    def __call__(self, group: dict, rng: np.random.Generator) -> dict | None:
+        pos = group["positives"][rng.integers(len(group["positives"]))]
+        neg = group["negatives"][rng.integers(len(group["negatives"]))]
+        path = os.path.join(self.image_root, pos["image"])
+        try:
+            pixels = self.processor.pixel_values([path])[0]
+        except BadImageError as e:
+            if self.cfg.on_bad_image == "error":
+                raise
+            self.counter.count += 1
+            self.counter.paths.append(path)
+            log.warning("skipping example %s: %s", group["pair_id"], e)
+            return None
+        rows = [self._row(pos), self._row(neg)]
+        if any(r is None for r in rows):
+            return None
+        question = group["kind"] == "question"
+        return {"rows": rows, "pixel_values": pixels,
+                # Questions train the LM on both answers ("no" is faithful too); a
+                # hallucinated caption never does.
+                "lm_rows": [True, question]}
+
+
+def collate(examples: list[dict], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    rows = [r for ex in examples for r in ex["rows"]]
+    n = len(rows)
+    out = {"input_ids": np.full((n, max_length), pad_id, np.int32),
+           "attention_mask": np.zeros((n, max_length), np.int32),
+           "labels": np.full((n, max_length), IGNORE, np.int32),
+           "grounding_labels": np.full((n, max_length), -1, np.int32)}
+    for i, r in enumerate(rows):
+        t = len(r["input_ids"])
+        out["input_ids"][i, :t] = r["input_ids"]
+        out["attention_mask"][i, :t] = 1
+        out["labels"][i, :t] = r["labels"]
+        out["grounding_labels"][i, :t] = r["grounding_labels"]
+    out["pixel_values"] = np.stack([ex["pixel_values"] for ex in examples for _ in ex["rows"]])
+    out["lm_rows"] = np.array([f for ex in examples for f in ex["lm_rows"]])
+    out["is_positive"] = np.arange(n) % 2 == 0
+    out["pair_index"] = (np.arange(n) ^ 1).astype(np.int32)
+    return out
+
+
+def build_dataset(records: list[dict], processor: Processor, image_root: str,
+                  cfg: PipelineConfig, process_index: int | None = None,
+                  process_count: int | None = None,
+                  counter: BadImageCounter | None = None) -> grain.IterDataset:
+    """The batch stream for this JAX process; `iter()` it, or keep the iterator to
+    checkpoint its state."""
+    if process_index is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    groups = make_groups(records)
+    if not groups:
+        raise ValueError("no record groups with both a positive and a negative example")
+    ds = grain.MapDataset.source(groups)[process_index::process_count]
+    ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    ds = ds.random_map(PairBuilder(processor, image_root, cfg, counter or BadImageCounter()),
+                       seed=cfg.seed + 1)
+    it = ds.filter(lambda ex: ex is not None).to_iter_dataset()
+    pad_id = processor.tokenizer.pad_token_id or 0
+    it = it.batch(cfg.groups_per_batch, drop_remainder=True,
+                  batch_fn=lambda exs: collate(exs, cfg.max_length, pad_id))
+    if cfg.workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+    return it
