@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 M = TypeVar("M", bound=nnx.Module)
@@ -26,16 +27,19 @@ def scan_layers(layers: nnx.Module, carry, body: Callable, start: int, stop: int
 
     `body(layer, carry, x) -> (carry, y)` sees one layer (a merged module holding a slice of
     the stacked parameters) and the matching slice of `xs` (stacked per layer, or None).
-    Slicing here, not in the parameter tree, keeps the checkpoint layout [L, ...] whatever the
-    segmentation (plain vs grounded layers) of the forward pass.
+    Selecting layers here, not in the parameter tree, keeps the checkpoint layout [L, ...]
+    whatever the segmentation (plain vs grounded layers) of the forward pass. Each step
+    indexes the full stack in place (a slice `a[start:stop]` outside the loop would copy the
+    weights on every call).
     """
     if stop <= start:
         return carry, None
     graphdef, state = nnx.split(layers)
-    state = jax.tree.map(lambda a: a[start:stop], state)
 
     def step(c, inputs):
-        layer_state, x = inputs
+        i, x = inputs
+        layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
+                                   state)
         return body(nnx.merge(graphdef, layer_state), c, x)
 
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (jnp.arange(start, stop), xs))

@@ -189,12 +189,15 @@ class LlamaModel(nnx.Module):
                 x_btd, _ = scan_layers(self.layers, x_btd, plain, start, stop)
                 continue
             head_def, head_state = heads
-            head_state = jax.tree.map(lambda a: a[head:head + stop - start], head_state)
+            offset = head - start  # layer i carries head i + offset
 
-            def grounded(layer, c, h_state):
+            def grounded(layer, c, i):
+                h_state = jax.tree.map(
+                    lambda a: jax.lax.dynamic_index_in_dim(a, i + offset, keepdims=False),
+                    head_state)
                 return layer.grounded(nnx.merge(head_def, h_state), ground, c, cos, sin, mask)
 
             x_btd, logits_gbt = scan_layers(self.layers, x_btd, grounded, start, stop,
-                                            xs=head_state)
+                                            xs=jnp.arange(start, stop))
             scores.append(logits_gbt)
         return self.norm(x_btd), (jnp.concatenate(scores) if scores else None)

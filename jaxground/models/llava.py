@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -149,7 +150,9 @@ class LlavaModel(nnx.Module):
                                projected_bkd=projected)
 
 
-@nnx.jit
+# graph_updates=False: the forward mutates nothing, and with updates on, nnx.jit returns (a
+# copy of) the whole model state from every call: 50-60 ms per call on a 279 MB model.
+@functools.partial(nnx.jit, graph_updates=False)
 def _forward_jit(model: LlavaModel, input_ids, pixel_values, attention_mask, position_ids):
     return model.forward(input_ids, pixel_values, attention_mask, position_ids)
 

@@ -1,0 +1,462 @@
+"""jaxground vs HF transformers (PyTorch) on CPU, measured in the same process.
+
+    .venv/bin/python bench/cpu_vs_hf.py                      # forward, 7 repeats, batch 2
+    .venv/bin/python bench/cpu_vs_hf.py --repeats 11 --also-eager --wait-quiet 120
+
+Builds the "mid" LLaVA (CLIP 6x384 @224/14 + LLaMA 8x512, vocab 32064) in transformers with
+random weights, saves it, converts it with `jaxground.hf_convert.hf_to_jaxground`, loads it
+with `jaxground.load`, then times each section for both frameworks and checks that the two
+agree. Results go to stdout as a table and to bench/out/cpu_vs_hf.json as
+{"machine": ..., "config": ..., "<section>": {...}}.
+
+Sections are functions `bench_<name>(ctx, args) -> dict` registered in SECTIONS; a later
+benchmark (train_step, generate) adds one function and one SECTIONS entry, and reuses
+`time_interleaved` and the models in `ctx`.
+
+Timing: after warm-up (which includes XLA compilation), the frameworks are run alternately
+(A B, B A, ...) with a short pause before each call, so that a load change on the machine
+hits both alike; the reported times are medians over --repeats runs. CPU time used by
+*other* processes during the timed runs is measured from /proc/stat and reported, because
+on a shared 2-core machine it decides the result (PyTorch's OpenMP pool usually degrades more
+under contention than XLA's); --wait-quiet waits for a quiet machine first.
+
+Threads: both frameworks run in this one process, pinned (sched_setaffinity, before jax or
+torch is imported) to the same --threads cores; torch additionally gets
+torch.set_num_threads. XLA:CPU has no working thread-count flag: `intra_op_parallelism_threads`
+is a TensorFlow option (written with `--` in XLA_FLAGS it aborts with "Unknown flag", written
+without, it is silently ignored), so the affinity mask is what bounds XLA's intra-op pool,
+which sizes itself from the schedulable CPUs (checked: 1 tf_XLAEigen thread per allowed CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _pin_threads(n: int) -> list[int]:
+    """Restricts this process (and every thread created later) to the first n usable CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if n > len(cpus):
+        raise SystemExit(f"--threads {n}: only {len(cpus)} CPUs usable ({cpus})")
+    chosen = cpus[:n]
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
+def _early_setup(argv: list[str]) -> tuple[list[int], str]:
+    """Thread settings that must precede `import jax` / `import torch`."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", type=int, default=2)
+    known, _ = pre.parse_known_args(argv)
+    cpus = _pin_threads(known.threads)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        flags = (flags + " --xla_cpu_multi_thread_eigen=true").strip()
+    os.environ["XLA_FLAGS"] = flags
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(known.threads))
+    return cpus, flags
+
+
+_CPUS, _XLA_FLAGS = _early_setup(sys.argv[1:])
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (CLIPVisionConfig, LlamaConfig,  # noqa: E402
+                          LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration)
+
+import jaxground  # noqa: E402
+from jaxground.hf_convert import hf_to_jaxground  # noqa: E402
+from jaxground.models import config as jg_config  # noqa: E402
+
+OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu_vs_hf.json")
+IMAGE_TOKEN = 32000
+RATIO_GOAL = 0.7
+PAUSE_S = 0.05  # before each timed call: lets the other pool's spinning threads go idle
+
+
+# ---- machine ----------------------------------------------------------------------------------
+def _version(pkg: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: int) -> dict:
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [x for x in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma") if x in flags]
+    return {
+        "cpu": model,
+        "cpu_simd": simd,
+        "cpus_online": os.cpu_count(),
+        "pinned_cpus": _CPUS,
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "xla_flags": _XLA_FLAGS,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+class CpuMeter:
+    """CPU seconds used by this process and by everything else, from /proc."""
+
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                s = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+        own = int(s[11]) + int(s[12])  # utime + stime, all threads
+        return busy / self.tick, own / self.tick
+
+    @staticmethod
+    def others(a, b) -> float:
+        """CPU seconds other processes used between two samples."""
+        if a is None or b is None:
+            return 0.0
+        return max(0.0, (b[0] - a[0]) - (b[1] - a[1]))
+
+
+def wait_quiet(max_wait_s: float, threshold: float = 0.1) -> float:
+    """Waits (up to max_wait_s) until other processes use < threshold of one CPU over 2 s;
+    returns that fraction as last seen."""
+    meter, deadline, frac = CpuMeter(), time.monotonic() + max_wait_s, 0.0
+    while True:
+        a = meter.sample()
+        time.sleep(2.0)
+        frac = CpuMeter.others(a, meter.sample()) / 2.0
+        if frac < threshold or time.monotonic() > deadline:
+            return frac
+        print(f"  waiting for a quiet machine: other processes use {frac:.0%} of a CPU",
+              flush=True)
+
+
+# ---- models and inputs -------------------------------------------------------------------------
+def hf_mid_config() -> HFLlavaConfig:
+    """The HF twin of `jaxground.models.config.mid()`."""
+    vision = CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                              num_attention_heads=6, image_size=224, patch_size=14,
+                              projection_dim=384)
+    text = LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376,
+                       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                       head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                       pad_token_id=32001)
+    return HFLlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         pad_token_id=32001)
+
+
+def _shape_fields(c) -> tuple:
+    return (c.vision, c.text, c.image_token_id, c.feature_layers,
+            c.vision_feature_select_strategy, c.image_seq_length, c.tie_word_embeddings)
+
+
+def check_matches_preset(converted) -> None:
+    """The converted config must describe the same model as our `mid()` preset."""
+    preset = jg_config.mid()
+    if _shape_fields(converted) != _shape_fields(preset):
+        raise SystemExit("converted HF config differs from jaxground mid():\n"
+                         f"  converted {_shape_fields(converted)}\n"
+                         f"  preset    {_shape_fields(preset)}")
+
+
+def build_models(workdir: str, args, seed: int = 0) -> dict:
+    """HF model(s) and jaxground model(s) holding the same random weights."""
+    torch.manual_seed(seed)
+    hf_dir = os.path.join(workdir, "hf")
+    LlavaForConditionalGeneration(hf_mid_config()).save_pretrained(hf_dir)
+    ctx = {}
+    # The converted model as users get it (default grounding heads), and without heads:
+    # the like-for-like comparison with HF's plain LLaVA.
+    cfg = hf_to_jaxground(hf_dir, os.path.join(workdir, "jaxground"))
+    check_matches_preset(cfg)
+    ctx["config"], ctx["jg"] = cfg, jaxground.load(os.path.join(workdir, "jaxground"))
+    if cfg.grounded_layers and not args.no_plain:
+        no_heads = jg_config.GroundingConfig(layers=())
+        hf_to_jaxground(hf_dir, os.path.join(workdir, "jaxground_plain"), grounding=no_heads)
+        ctx["jg_plain"] = jaxground.load(os.path.join(workdir, "jaxground_plain"))
+    load = lambda attn: LlavaForConditionalGeneration.from_pretrained(
+        hf_dir, attn_implementation=attn, dtype=torch.float32).eval()
+    ctx["hf"] = load(args.attn)
+    if args.also_eager and args.attn != "eager":
+        ctx["hf_eager"] = load("eager")
+    return ctx
+
+
+def make_inputs(batch: int, text_tokens: int, image_tokens: int, image_size: int, seed: int = 0):
+    """LLaVA-style rows: `<s> USER:` (text), image tokens, `\\n... ASSISTANT:` (text)."""
+    rng = np.random.default_rng(seed)
+    before = 5  # BOS + "USER:" + space, roughly what LLaVA's prompt puts before <image>
+    after = text_tokens - before
+    ids = np.empty((batch, before + image_tokens + after), np.int64)
+    ids[:, 0] = 1
+    ids[:, 1:before] = rng.integers(3, 32000, (batch, before - 1))
+    ids[:, before:before + image_tokens] = IMAGE_TOKEN
+    ids[:, before + image_tokens:] = rng.integers(3, 32000, (batch, after))
+    mask = np.ones_like(ids)
+    pixels = rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    return ids, mask, pixels
+
+
+# ---- timing -----------------------------------------------------------------------------------
+def time_interleaved(fns: dict, repeats: int, warmup: int, quiet: float = 0.1) -> dict:
+    """Times each fn (which must block until its result is ready) `repeats` times, the fns
+    alternating, in reversed order every other round.
+
+    Returns {name: {"median_ms", "min_ms", "runs_ms", "busy"}} and "_stats". `busy` is, per
+    run, the share of one CPU that other processes used meanwhile. When every fn has at
+    least max(3, repeats // 2) runs with busy < `quiet`, the medians are over those quiet
+    runs only ("_stats"["quiet_only"]); otherwise over all runs.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    meter = CpuMeter()
+    runs = {k: [] for k in fns}
+    busy = {k: [] for k in fns}
+    for i in range(repeats):
+        for name in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
+            time.sleep(PAUSE_S)
+            a = meter.sample()
+            t0 = time.perf_counter()
+            fns[name]()
+            dt = time.perf_counter() - t0
+            runs[name].append(dt * 1e3)
+            busy[name].append(CpuMeter.others(a, meter.sample()) / dt)
+    need = max(3, repeats // 2)
+    quiet_only = all(sum(b < quiet for b in busy[k]) >= need for k in fns)
+    out = {}
+    for k in fns:
+        kept = [t for t, b in zip(runs[k], busy[k]) if b < quiet or not quiet_only]
+        out[k] = {"median_ms": round(statistics.median(kept), 2), "min_ms": round(min(kept), 2),
+                  "runs_ms": [round(t, 1) for t in runs[k]],
+                  "busy": [round(b, 2) for b in busy[k]]}
+    all_busy = [b for k in fns for b in busy[k]]
+    out["_stats"] = {"quiet_only": quiet_only, "quiet_threshold": quiet,
+                     "others_cpu_frac_median": round(statistics.median(all_busy), 3),
+                     "quiet_runs": {k: sum(b < quiet for b in busy[k]) for k in fns}}
+    return out
+
+
+# ---- sections ---------------------------------------------------------------------------------
+def bench_forward(ctx: dict, args) -> dict:
+    """Full forward: vision tower + projector + LLaMA + lm_head logits [B, T, V]."""
+    cfg = ctx["config"]
+    ids, mask, px = make_inputs(args.batch, args.text_tokens, cfg.image_seq_length,
+                                cfg.vision.image_size)
+    ids_t, mask_t, px_t = map(torch.from_numpy, (ids, mask, px))
+    ids_j, mask_j, px_j = map(jax.numpy.asarray, (ids, mask, px))  # already on the device
+
+    def jax_run(model):
+        # Blocks on every output (logits, grounding scores), not just the logits.
+        return lambda: jax.block_until_ready(
+            model(input_ids=ids_j, pixel_values=px_j, attention_mask=mask_j))
+
+    def hf_run(model):
+        def run():
+            with torch.inference_mode():
+                return model(input_ids=ids_t, pixel_values=px_t, attention_mask=mask_t,
+                             use_cache=False)
+        return run
+
+    fns = {"jaxground": jax_run(ctx["jg"]), "hf": hf_run(ctx["hf"])}
+    if "jg_plain" in ctx:
+        fns["jaxground_no_heads"] = jax_run(ctx["jg_plain"])
+    if "hf_eager" in ctx:
+        fns["hf_eager"] = hf_run(ctx["hf_eager"])
+
+    t0 = time.perf_counter()
+    jax_logits = np.asarray(fns["jaxground"]().logits)
+    first_call_s = time.perf_counter() - t0
+    hf_logits = fns["hf"]().logits.numpy()
+    diffs = {"max_abs_logit_diff": float(np.max(np.abs(jax_logits - hf_logits)))}
+    if "jaxground_no_heads" in fns:
+        diffs["max_abs_logit_diff_no_heads"] = float(
+            np.max(np.abs(np.asarray(fns["jaxground_no_heads"]().logits) - hf_logits)))
+    diffs["max_abs_logit"] = float(np.max(np.abs(hf_logits)))
+
+    t = time_interleaved(fns, args.repeats, args.warmup)
+    result = {
+        "workload": (f"B={args.batch} T={ids.shape[1]} ({cfg.image_seq_length} image + "
+                     f"{args.text_tokens} text tokens per row)"),
+        "batch": args.batch, "seq_len": int(ids.shape[1]),
+        "image_tokens": cfg.image_seq_length, "text_tokens": args.text_tokens,
+        "grounded_layers": list(cfg.grounded_layers), "grounding_type": cfg.grounding.type,
+        "jaxground_ms": t["jaxground"]["median_ms"], "hf_ms": t["hf"]["median_ms"],
+        "ratio": round(t["jaxground"]["median_ms"] / t["hf"]["median_ms"], 3),
+        "hf_attn_implementation": args.attn,
+        "jaxground_first_call_s": round(first_call_s, 2),
+        **diffs,
+        "timing": t.pop("_stats"),
+        "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
+        "runs_others_cpu_frac": {k: v["busy"] for k, v in t.items()},
+    }
+    if "jaxground_no_heads" in t:
+        result["jaxground_no_heads_ms"] = t["jaxground_no_heads"]["median_ms"]
+        result["ratio_no_heads"] = round(
+            t["jaxground_no_heads"]["median_ms"] / t["hf"]["median_ms"], 3)
+    if "hf_eager" in t:
+        result["hf_eager_ms"] = t["hf_eager"]["median_ms"]
+    return result
+
+
+SECTIONS = {"forward": bench_forward}
+
+
+# ---- report -----------------------------------------------------------------------------------
+def args_repeats(r: dict) -> int:
+    return len(next(iter(r["runs_ms"].values())))
+
+
+def print_report(results: dict) -> None:
+    m, c = results["machine"], results["config"]
+    print(f"\nmachine:  {m['cpu']} ({' '.join(m['cpu_simd'])}), {m['cpus_online']} CPUs "
+          f"online; both frameworks pinned to CPUs {m['pinned_cpus']} ({m['threads']} threads:"
+          f" torch.get_num_threads()={m['torch_threads']}, XLA pool sized by the affinity mask)")
+    print(f"XLA_FLAGS: {m['xla_flags']}")
+    print(f"versions: jax {m['jax']} (jaxlib {m['jaxlib']}), flax {m['flax']}, "
+          f"torch {m['torch']}, transformers {m['transformers']}, python {m['python']}")
+    print(f"model:    {c['name']}: CLIP {c['vision_layers']}x{c['vision_hidden']} "
+          f"@{c['image_size']}px/{c['patch_size']}, LLaMA {c['text_layers']}x"
+          f"{c['text_hidden']}, vocab {c['vocab_size']}, {c['dtype']}, random weights\n")
+    rows = []
+    for name in SECTIONS:
+        if name not in results:
+            continue
+        r = results[name]
+        hf_label = f"HF {r['hf_attn_implementation']}"
+        rows.append((name, "jaxground (as converted)", r["jaxground_ms"], r["ratio"]))
+        if "jaxground_no_heads_ms" in r:
+            rows.append((name, "jaxground, no grounding heads", r["jaxground_no_heads_ms"],
+                         r["ratio_no_heads"]))
+        rows.append((name, hf_label, r["hf_ms"], 1.0))
+        if "hf_eager_ms" in r:
+            rows.append((name, "HF eager", r["hf_eager_ms"], r["hf_eager_ms"] / r["hf_ms"]))
+    print(f"{'section':<9} {'implementation':<30} {'median ms':>10} {'vs HF':>7}")
+    print("-" * 60)
+    for sec, impl, ms, ratio in rows:
+        print(f"{sec:<9} {impl:<30} {ms:>10.1f} {ratio:>7.3f}")
+    print()
+    for name in SECTIONS:
+        if name not in results:
+            continue
+        r = results[name]
+        verdict = "meets" if r["ratio"] <= RATIO_GOAL else "misses"
+        print(f"{name}: {r.get('workload', '')}; jaxground/HF({r['hf_attn_implementation']})"
+              f" = {r['ratio']:.3f}, {verdict} the goal <= {RATIO_GOAL}")
+        if "max_abs_logit_diff" in r:
+            extra = (f", no heads {r['max_abs_logit_diff_no_heads']:.2e}"
+                     if "max_abs_logit_diff_no_heads" in r else "")
+            print(f"  max |logits jaxground - HF| = {r['max_abs_logit_diff']:.2e}{extra} "
+                  f"(max |logit| {r['max_abs_logit']:.2f})")
+        if "jaxground_first_call_s" in r:
+            print(f"  first jaxground call (tracing + XLA compile): "
+                  f"{r['jaxground_first_call_s']:.1f} s")
+        tm = r.get("timing")
+        if tm is None:
+            continue
+        if tm["quiet_only"]:
+            print(f"  medians over quiet runs only (other processes < {tm['quiet_threshold']:.0%}"
+                  f" of a CPU): {tm['quiet_runs']} of {args_repeats(r)} runs")
+        else:
+            print(f"  WARNING: the machine was busy (other processes used a median "
+                  f"{tm['others_cpu_frac_median']:.0%} of a CPU per run; quiet runs "
+                  f"{tm['quiet_runs']}): timings are unreliable, PyTorch's OpenMP pool "
+                  "usually degrades most. Rerun with --wait-quiet / more --repeats.")
+    print()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sections", default="forward",
+                   help=f"comma-separated, from {sorted(SECTIONS)}")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per implementation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (incl. compile)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=64,
+                   help="text tokens per row, around the image tokens")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPUs both frameworks are pinned to (and torch.set_num_threads)")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                   help="HF attn_implementation (sdpa: its fastest CPU path)")
+    p.add_argument("--also-eager", action="store_true",
+                   help="also time HF with attn_implementation='eager'")
+    p.add_argument("--no-plain", action="store_true",
+                   help="skip the jaxground model without grounding heads")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to this long for other processes to go idle")
+    p.add_argument("--out", default=OUT_JSON)
+    args = p.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown sections {unknown}; known: {sorted(SECTIONS)}")
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    results = {"machine": machine_info(args.threads)}
+    with tempfile.TemporaryDirectory(prefix="jaxground_bench_") as workdir:
+        ctx = build_models(workdir, args)
+        cfg = ctx["config"]
+        results["config"] = {
+            "name": "mid", "vision_layers": cfg.vision.num_layers,
+            "vision_hidden": cfg.vision.hidden_size, "image_size": cfg.vision.image_size,
+            "patch_size": cfg.vision.patch_size, "text_layers": cfg.text.num_layers,
+            "text_hidden": cfg.text.hidden_size, "vocab_size": cfg.text.vocab_size,
+            "dtype": cfg.dtype}
+        if args.wait_quiet > 0:
+            results["machine"]["others_cpu_frac_before"] = round(wait_quiet(args.wait_quiet), 3)
+        for name in sections:
+            results[name] = SECTIONS[name](ctx, args)
+
+    print_report(results)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    merged = {}
+    if os.path.exists(args.out):  # keep sections that earlier runs measured
+        try:
+            with open(args.out) as f:
+                merged = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            merged = {}
+    merged.update(results)
+    merged["command"] = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    with open(args.out, "w") as f:
+        json.dump(merged, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
