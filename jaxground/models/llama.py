@@ -112,16 +112,24 @@ class DecoderLayer(nnx.Module):
                  mask_b1ts):
         """The layer, then its grounding head on the layer's output.
 
-        Returns (hidden [B, T, D], logits [B, T]). A cross-attention head's gated image
-        summary joins the residual stream at scored (text) positions only.
+        Returns (hidden [B, T, D], logits [B, T]). The head only sees the N candidate text
+        positions of each row (N = T - image tokens: in LLaVA most of the sequence is image,
+        which is never scored), and its results are scattered back. A cross-attention head's
+        gated image summary joins the residual stream at scored positions only.
         """
         x_btd = self(x_btd, cos_bth, sin_bth, mask_b1ts)
         image_bkd = (ground.projected_bkd if ground.projected_bkd is not None
                      else gather_rows(x_btd, ground.image_positions_bk))
-        logits_bt, update_btd = head(x_btd, image_bkd, ground.image_valid_bk)
-        if update_btd is not None:
-            x_btd = x_btd + jnp.where(ground.text_mask_bt[..., None], update_btd, 0)
-        return x_btd, jnp.where(ground.text_mask_bt, logits_bt, 0.0)
+        text_bnd = gather_rows(x_btd, ground.text_positions_bn)
+        logits_bn, update_bnd = head(text_bnd, image_bkd, ground.image_valid_bk)
+        rows = jnp.arange(x_btd.shape[0])[:, None]
+        cols = ground.text_positions_bn
+        valid = ground.text_valid_bn
+        if update_bnd is not None:
+            x_btd = x_btd.at[rows, cols].add(jnp.where(valid[..., None], update_bnd, 0))
+        logits_bt = jnp.zeros(x_btd.shape[:2], jnp.float32).at[rows, cols].set(
+            jnp.where(valid, logits_bn, 0.0))
+        return x_btd, logits_bt
 
 
 @struct.dataclass
@@ -130,6 +138,8 @@ class GroundingInputs:
 
     image_positions_bk: jax.Array       # [B, K] positions of each row's image tokens
     image_valid_bk: jax.Array           # [B, K] bool
+    text_positions_bn: jax.Array        # [B, N] candidate text positions (distinct per row)
+    text_valid_bn: jax.Array            # [B, N] bool: those that get a score
     text_mask_bt: jax.Array             # [B, T] bool: positions that get a score
     projected_bkd: jax.Array | None     # [B, K, D] projected image features, or None to
                                         # use the image-token hidden states of each layer

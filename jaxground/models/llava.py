@@ -141,13 +141,18 @@ class LlavaModel(nnx.Module):
 
     def grounding_inputs(self, embeds_btd, image_mask_bt, attention_mask_bt) -> GroundingInputs:
         """Each row's image patches (its first `image_seq_length` image tokens; one image per
-        row, as in LLaVA-1.5) and the text positions to score."""
-        positions_bk, valid_bk = image_slots(image_mask_bt, self.config.image_seq_length)
+        row, as in LLaVA-1.5), the text positions to score, and the projected features."""
+        k = self.config.image_seq_length
+        positions_bk, valid_bk = image_slots(image_mask_bt, k)
+        t = image_mask_bt.shape[1]
+        text_bn, _ = image_slots(~image_mask_bt, t - k if t > k else t)
+        text_mask_bt = grounding_mask(image_mask_bt, attention_mask_bt)
         projected = (gather_rows(embeds_btd, positions_bk)
                      if self.config.grounding.image_features == "projected" else None)
         return GroundingInputs(image_positions_bk=positions_bk, image_valid_bk=valid_bk,
-                               text_mask_bt=grounding_mask(image_mask_bt, attention_mask_bt),
-                               projected_bkd=projected)
+                               text_positions_bn=text_bn,
+                               text_valid_bn=jnp.take_along_axis(text_mask_bt, text_bn, axis=1),
+                               text_mask_bt=text_mask_bt, projected_bkd=projected)
 
 
 # graph_updates=False: the forward mutates nothing, and with updates on, nnx.jit returns (a
