@@ -153,5 +153,9 @@ def build_dataset(records: list[dict], processor: Processor, image_root: str,
     it = it.batch(cfg.groups_per_batch, drop_remainder=True,
                   batch_fn=lambda exs: collate(exs, cfg.max_length, pad_id))
     if cfg.workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl
+            flags.FLAGS.mark_as_parsed()  # app (a notebook, a script) nothing parsed them
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
     return it
