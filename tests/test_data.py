@@ -255,14 +255,16 @@ def test_pipeline_resume_is_exact(world):
 def test_corrupt_and_missing_images_are_skipped_and_counted(world, tmp_path):
     records = [r for r in build_records(world, kinds=("caption",)) if r["image_id"] <= 6]
     images = sorted({r["image"] for r in records})
-    with open(os.path.join(world, images[0]), "rb") as f:
+    jpeg = str(tmp_path / "x.jpg")
+    Image.open(os.path.join(world, images[0])).save(jpeg, "JPEG")
+    with open(jpeg, "rb") as f:
         good = f.read()
     bad_dir = tmp_path / "w"
     os.makedirs(bad_dir / "images")
     for name in images:
         os.symlink(os.path.join(world, name), bad_dir / name)
     os.remove(bad_dir / images[1])
-    (bad_dir / images[1]).write_bytes(good[:60])  # truncated: a corrupt file
+    (bad_dir / images[1]).write_bytes(good[:len(good) // 2])  # a truncated, corrupt JPEG
     os.remove(bad_dir / images[2])                # missing
     counter = BadImageCounter()
     cfg = PipelineConfig(groups_per_batch=1, max_length=48, num_epochs=1)
