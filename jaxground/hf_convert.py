@@ -19,13 +19,10 @@ from collections.abc import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from flax import nnx
-
 from jaxground import store
 from jaxground.hf_weights import canonical_key, hf_tensors, hub_layout, nnx_target
-from jaxground.models.config import ConfigError, GroundingConfig, LlavaConfig, dtype_of
-from jaxground.models.llama import make_grounding_heads
-from jaxground.models.llava import abstract_model, param_dict
+from jaxground.models.config import ConfigError, GroundingConfig, LlavaConfig
+from jaxground.models.llava import abstract_model, fresh_grounding_heads, param_dict
 from jaxground.safetensors_io import (HEADS_FILE, SafetensorsFile, iter_checkpoint_files,
                                       write_safetensors)
 
@@ -215,13 +212,9 @@ def _fill(dest: np.ndarray, src: _Source, target) -> None:
 def grounding_heads(hf_dir: str, config: LlavaConfig) -> dict[tuple[str, ...], np.ndarray]:
     """Head parameters: from `grounding_heads.safetensors` (written by `jaxground_to_hf`)
     when present, else freshly initialised (HF checkpoints have no heads)."""
-    if not config.grounded_layers:
+    fresh = {p: np.asarray(v) for p, v in _flat(fresh_grounding_heads(config)).items()}
+    if not fresh:
         return {}
-    heads = make_grounding_heads(config.text, config.grounding, len(config.grounded_layers),
-                                 dtype_of(config.dtype), dtype_of(config.param_dtype),
-                                 nnx.Rngs(0))
-    fresh = {HEADS_PREFIX + p: np.asarray(v)
-             for p, v in _flat(nnx.to_pure_dict(nnx.state(heads, nnx.Param))).items()}
     path = os.path.join(hf_dir, HEADS_FILE)
     if not os.path.exists(path):
         return fresh

@@ -294,3 +294,16 @@ def test_worker_processes_resume_exactly(world):
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert not np.array_equal(first[0]["input_ids"], following[0]["input_ids"])
+
+
+def test_two_processes_split_each_global_batch(world):
+    records = build_records(world)[:600]
+    cfg = PipelineConfig(groups_per_batch=4, max_length=48, seed=2)
+    p = Processor(load_tokenizer(world), clip_image_processor(64), 4, 4, max_length=48)
+    whole = iter(build_dataset(records, p, world, cfg, 0, 1))
+    halves = [iter(build_dataset(records, p, world, cfg, i, 2)) for i in range(2)]
+    for _ in range(3):
+        want = next(whole)
+        parts = [next(h) for h in halves]
+        for k in ("input_ids", "labels", "grounding_labels", "pixel_values"):
+            np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), want[k])

@@ -1,9 +1,9 @@
 """Deterministic, resumable grain pipeline from grounding records to padded batches.
 
-source (groups of records sharing a pair_id) -> shard by JAX process -> seeded shuffle ->
-repeat -> build one positive/negative pair per group (seeded per index) -> decode image +
-tokenize -> drop bad images (logged, counted) -> batch with padding to a fixed length ->
-optional multiprocess prefetch. The iterator's state (`get_state` / `set_state`) is small
+source (groups of records sharing a pair_id) -> seeded shuffle -> repeat -> build one
+positive/negative pair per group (seeded per global index) -> this JAX process's slice of
+each global batch -> decode image + tokenize -> drop bad images (logged, counted) -> batch
+with padding to a fixed length -> optional multiprocess prefetch. The iterator's state (`get_state` / `set_state`) is small
 JSON-able data, saved with training checkpoints; resuming replays the exact batch sequence.
 
 A group always yields two rows, paired: [positive, negative] for captions (a faithful
@@ -131,12 +131,38 @@ def collate(examples: list[dict], max_length: int, pad_id: int) -> dict[str, np.
     return out
 
 
+class ProcessShard(grain.MapDataset):
+    """This process's share of a global example order, batch by batch.
+
+    Global batch b is elements [b*G, (b+1)*G) of the parent; process p of P takes the p-th
+    contiguous slice of each, G/P elements. The global batch is then the same whatever the
+    number of processes, so a 2-process run sees exactly the batches of a 1-process run.
+    """
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, global_batch: int):
+        super().__init__(parent)
+        if global_batch % count:
+            raise ValueError(f"data.groups_per_batch={global_batch} is not divisible by "
+                             f"the {count} JAX processes")
+        self._index, self._count, self._local = index, count, global_batch // count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        batch, offset = divmod(i, self._local)
+        return self._parent[batch * self._local * self._count + self._index * self._local
+                            + offset]
+
+
 def build_dataset(records: list[dict], processor: Processor, image_root: str,
                   cfg: PipelineConfig, process_index: int | None = None,
                   process_count: int | None = None,
                   counter: BadImageCounter | None = None) -> grain.IterDataset:
-    """The batch stream for this JAX process; `iter()` it, or keep the iterator to
-    checkpoint its state."""
+    """The batch stream for this JAX process (`cfg.groups_per_batch` is global); `iter()`
+    it, or keep the iterator to checkpoint its state."""
     if process_index is None:
         import jax
 
@@ -144,13 +170,14 @@ def build_dataset(records: list[dict], processor: Processor, image_root: str,
     groups = make_groups(records)
     if not groups:
         raise ValueError("no record groups with both a positive and a negative example")
-    ds = grain.MapDataset.source(groups)[process_index::process_count]
-    ds = ds.shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    ds = grain.MapDataset.source(groups).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+    # Pairs are drawn per global index (before sharding): the same for any process count.
     ds = ds.random_map(PairBuilder(processor, image_root, cfg, counter or BadImageCounter()),
                        seed=cfg.seed + 1)
+    ds = ProcessShard(ds, process_index, process_count, cfg.groups_per_batch)
     it = ds.filter(lambda ex: ex is not None).to_iter_dataset()
     pad_id = processor.tokenizer.pad_token_id or 0
-    it = it.batch(cfg.groups_per_batch, drop_remainder=True,
+    it = it.batch(cfg.groups_per_batch // process_count, drop_remainder=True,
                   batch_fn=lambda exs: collate(exs, cfg.max_length, pad_id))
     if cfg.workers > 0:
         from absl import flags

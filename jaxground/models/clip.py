@@ -72,8 +72,9 @@ class ClipVisionModel(nnx.Module):
     the last one requested (LLaVA reads layer -2, so CLIP's final layer is never run)."""
 
     def __init__(self, cfg: VisionConfig, dtype: str = "float32", param_dtype: str = "float32",
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, remat: str = "none"):
         dims = _Dims(dtype, param_dtype)
+        self.remat = remat
         self.config = cfg
         self.compute_dtype = dtype_of(dtype)
         d, p = cfg.hidden_size, cfg.patch_size
@@ -106,6 +107,6 @@ class ClipVisionModel(nnx.Module):
         outputs, done = {0: x_nsd}, 0
         for idx in sorted(set(hidden_state_indices)):
             x_nsd, _ = scan_layers(self.layers, x_nsd, lambda layer, c, _: (layer(c), None),
-                                   done, idx)
+                                   done, idx, remat=self.remat)
             outputs[idx], done = x_nsd, idx
         return [outputs[i] for i in hidden_state_indices]

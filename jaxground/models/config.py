@@ -104,6 +104,7 @@ class LlavaConfig:
     eos_token_id: int | None = 2
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
+    remat: str = "none"     # rematerialise layers in the backward: "none" | "full" | "dots"
 
     def __post_init__(self):
         self.validate()
@@ -163,6 +164,8 @@ class LlavaConfig:
                               "is implemented")
         dtype_of(self.param_dtype)
         dtype_of(self.dtype)
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"remat {self.remat!r} is not 'none', 'full' or 'dots'")
 
     def _validate_grounding(self) -> None:
         g, n = self.grounding, self.text.num_layers
@@ -381,5 +384,17 @@ def mid() -> LlavaConfig:
         image_token_id=32000, pad_token_id=32001)
 
 
+def shapes(vocab_size: int = 64, image_token_id: int = 4) -> LlavaConfig:
+    """The shapes-world model: 64 px images (64 patches), a 4-layer 128-wide decoder."""
+    vocab = -(-vocab_size // 64) * 64  # round up: friendlier shapes, room for new tokens
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                            image_size=64, patch_size=8),
+        text=TextConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256,
+                        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                        rms_norm_eps=1e-6, max_position_embeddings=256),
+        image_token_id=image_token_id, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
 PRESETS = {"llava-1.5-7b": llava_1_5_7b, "llava-1.5-13b": llava_1_5_13b, "tiny": tiny,
-           "mid": mid}
+           "mid": mid, "shapes": shapes}

@@ -22,7 +22,12 @@ def stack_layers(make: Callable[[nnx.Rngs], M], num: int, rngs: nnx.Rngs) -> M:
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, carry, body: Callable, start: int, stop: int, xs=None):
+REMAT_POLICIES = {"none": None, "full": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def scan_layers(layers: nnx.Module, carry, body: Callable, start: int, stop: int, xs=None,
+                remat: str = "none"):
     """Runs stacked layers `start..stop-1` over `carry` with `lax.scan`.
 
     `body(layer, carry, x) -> (carry, y)` sees one layer (a merged module holding a slice of
@@ -42,4 +47,6 @@ def scan_layers(layers: nnx.Module, carry, body: Callable, start: int, stop: int
                                    state)
         return body(nnx.merge(graphdef, layer_state), c, x)
 
+    if remat != "none":  # recompute the layer in the backward pass, keeping what the policy saves
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(step, carry, (jnp.arange(start, stop), xs))

@@ -158,8 +158,9 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: TextConfig, dtype: str = "float32", param_dtype: str = "float32",
                  *, rngs: nnx.Rngs, grounding: GroundingConfig | None = None,
-                 grounded_layers: tuple[int, ...] = ()):
+                 grounded_layers: tuple[int, ...] = (), remat: str = "none"):
         self.config = cfg
+        self.remat = remat
         self.grounding_config = grounding
         self.grounded_layers = tuple(sorted(grounded_layers))
         dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
@@ -196,7 +197,8 @@ class LlamaModel(nnx.Module):
         scores = []
         for start, stop, head in self.segments():
             if head is None or ground is None:
-                x_btd, _ = scan_layers(self.layers, x_btd, plain, start, stop)
+                x_btd, _ = scan_layers(self.layers, x_btd, plain, start, stop,
+                                       remat=self.remat)
                 continue
             head_def, head_state = heads
             offset = head - start  # layer i carries head i + offset
@@ -208,6 +210,6 @@ class LlamaModel(nnx.Module):
                 return layer.grounded(nnx.merge(head_def, h_state), ground, c, cos, sin, mask)
 
             x_btd, logits_gbt = scan_layers(self.layers, x_btd, grounded, start, stop,
-                                            xs=jnp.arange(start, stop))
+                                            xs=jnp.arange(start, stop), remat=self.remat)
             scores.append(logits_gbt)
         return self.norm(x_btd), (jnp.concatenate(scores) if scores else None)

@@ -13,7 +13,8 @@ from flax import nnx, struct
 from jaxground.models.clip import ClipVisionModel
 from jaxground.models.config import LlavaConfig, dtype_of
 from jaxground.models.grounding import aggregate, gather_rows, grounding_mask, image_slots
-from jaxground.models.llama import GroundingInputs, LlamaModel, positions_from_mask
+from jaxground.models.llama import (GroundingInputs, LlamaModel, make_grounding_heads,
+                                    positions_from_mask)
 
 
 @struct.dataclass
@@ -70,11 +71,12 @@ class LlavaModel(nnx.Module):
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.vision_tower = ClipVisionModel(config.vision, config.dtype, config.param_dtype,
-                                            rngs=rngs)
+                                            rngs=rngs, remat=config.remat)
         self.projector = Projector(config, rngs=rngs)
         self.language_model = LlamaModel(config.text, config.dtype, config.param_dtype,
                                          rngs=rngs, grounding=config.grounding,
-                                         grounded_layers=config.grounded_layers)
+                                         grounded_layers=config.grounded_layers,
+                                         remat=config.remat)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(config.text.hidden_size, config.text.vocab_size,
                                       use_bias=False, dtype=dtype_of(config.dtype),
@@ -169,6 +171,17 @@ def init_model(config: LlavaConfig, seed: int = 0) -> LlavaModel:
 def abstract_model(config: LlavaConfig) -> LlavaModel:
     """The model with ShapeDtypeStruct leaves: shapes without allocating anything."""
     return nnx.eval_shape(lambda: LlavaModel(config, rngs=nnx.Rngs(0)))
+
+
+def fresh_grounding_heads(config: LlavaConfig, seed: int = 0) -> dict[str, Any]:
+    """Newly initialised head parameters as {"language_model": {"grounding_heads": ...}}:
+    for checkpoints that have no heads, or heads of another grounding config."""
+    if not config.grounded_layers:
+        return {}
+    heads = make_grounding_heads(config.text, config.grounding, len(config.grounded_layers),
+                                 dtype_of(config.dtype), dtype_of(config.param_dtype),
+                                 nnx.Rngs(seed))
+    return {"language_model": {"grounding_heads": param_dict(heads)}}
 
 
 def param_dict(model: nnx.Module) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Which parameters train: path patterns -> NNX filters."""
+"""Optimizer (AdamW, warmup + cosine, clipping, accumulation) and the trainable set."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
+import optax
 from flax import nnx
 
 
@@ -13,12 +14,14 @@ def path_string(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def trainable_filter(patterns: Sequence[str]):
+def trainable_filter(patterns: Sequence[str] | str):
     """Params whose path matches any regex in `patterns` (searched, not anchored).
 
     ("projector", "grounding_heads") trains the projector and the heads and freezes CLIP
-    and the LLM; (".*",) trains everything.
+    and the LLM; (".*",) trains everything. A comma-separated string works too.
     """
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     compiled = [re.compile(p) for p in patterns]
 
     def matches(path, _value) -> bool:
@@ -26,3 +29,25 @@ def trainable_filter(patterns: Sequence[str]):
         return any(c.search(s) for c in compiled)
 
     return nnx.All(nnx.Param, matches)
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule:
+    """Linear warmup to `lr`, then cosine decay to `lr * end_lr_fraction` at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train_cfg.lr,
+        warmup_steps=train_cfg.warmup_steps,
+        decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
+        end_value=train_cfg.lr * train_cfg.end_lr_fraction)
+
+
+def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping; `grad_accum` > 1 accumulates micro-batches
+    (`optax.MultiSteps`: the schedule then counts optimizer updates, not micro-steps)."""
+    schedule = learning_rate_schedule(train_cfg)
+    tx = optax.chain(
+        optax.clip_by_global_norm(train_cfg.clip_norm),
+        optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2,
+                    weight_decay=train_cfg.weight_decay))
+    if train_cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=train_cfg.grad_accum)
+    return tx, schedule

@@ -1,0 +1,106 @@
+"""The training config: one ml_collections ConfigDict describing a whole run.
+
+Presets in configs/*.py start from `default_config()` and change what differs. Every field
+can be overridden on the command line (`--config.train.lr=1e-4`); `validate` rejects
+impossible values, naming the field, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxground.models.config import GROUNDING_TYPES, PRESETS, GroundingConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        preset="shapes",       # a jaxground.models.config preset, or "shapes"
+        init_from="",          # a converted checkpoint dir (overrides `preset`'s weights)
+        dtype="float32",       # compute dtype
+        param_dtype="float32",  # master copy of trainable parameters
+        frozen_dtype="",       # e.g. "bfloat16": frozen parameters kept in that dtype
+        remat="none",          # "none" | "full" | "dots" (save matmul outputs)
+    ))
+    c.grounding = ml_collections.ConfigDict(dict(
+        layers="",             # "" = the last four decoder layers; "none"; or "28,29,30,31"
+        type="similarity", dim=256, num_heads=8, aggregate="mean",
+        image_features="projected", init_scale=1 / 0.07, init_bias=0.0))
+    c.loss = ml_collections.ConfigDict(dict(grounding_weight=1.0, grounding_loss="bce",
+                                            margin=1.0))
+    c.data = ml_collections.ConfigDict(dict(
+        dir="",                # COCO-format folder; "" = generate the shapes world in WORKDIR
+        records="",            # grounding records .jsonl; "" = build them from `dir`
+        eval_dir="",           # held-out COCO-format folder ("" = generated for shapes)
+        eval_records="",
+        world_images=2000,     # shapes world size when generated
+        eval_world_images=200,
+        strategies="random,popular,adversarial",
+        kinds="caption,question",
+        template="hf", pad_to_square=False,
+        groups_per_batch=8,    # global; a batch has 2x this many rows
+        max_length=96, workers=0, on_bad_image="skip", on_too_long="drop", seed=0))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=300, lr=3e-3, warmup_steps=20, end_lr_fraction=0.1, weight_decay=0.0,
+        b1=0.9, b2=0.98, clip_norm=1.0, grad_accum=1, seed=0,
+        trainable=".*",        # comma-separated regexes over parameter paths
+        checkpoint_every=100, keep_checkpoints=3, save_frozen=True,
+        log_every=1, eval_every=0, eval_batches=8, max_bad_steps=5,
+        progress=True))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
+                                                   process_id=0))
+    return c
+
+
+class ConfigValueError(ValueError):
+    """An impossible training-config value; the message names the field."""
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigValueError(f"config.{field}: {msg}")
+
+
+def grounding_config(cfg) -> GroundingConfig:
+    g = cfg.grounding
+    layers = g.layers.strip() if isinstance(g.layers, str) else g.layers
+    if layers in ("", None):
+        parsed = None
+    elif layers == "none":
+        parsed = ()
+    else:
+        try:
+            parsed = tuple(int(x) for x in str(layers).split(","))
+        except ValueError as e:
+            raise ConfigValueError(f"config.grounding.layers={layers!r}: use '', 'none' or "
+                                   "comma-separated layer indices") from e
+    return GroundingConfig(layers=parsed, type=g.type, dim=g.dim, num_heads=g.num_heads,
+                           aggregate=g.aggregate, image_features=g.image_features,
+                           init_scale=g.init_scale, init_bias=g.init_bias)
+
+
+def validate(cfg) -> None:
+    t, d = cfg.train, cfg.data
+    _check(t.steps > 0, "train.steps", f"{t.steps} must be positive")
+    _check(t.lr > 0, "train.lr", f"{t.lr} must be positive")
+    _check(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
+           f"{t.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"{t.grad_accum} must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    _check(d.groups_per_batch >= 1, "data.groups_per_batch", "must be >= 1")
+    _check(d.max_length >= 8, "data.max_length", f"{d.max_length} is too short")
+    _check(cfg.loss.grounding_weight >= 0, "loss.grounding_weight", "must be >= 0")
+    _check(cfg.loss.grounding_loss in ("bce", "margin"), "loss.grounding_loss",
+           f"{cfg.loss.grounding_loss!r} is not 'bce' or 'margin'")
+    _check(cfg.grounding.type in GROUNDING_TYPES, "grounding.type",
+           f"{cfg.grounding.type!r} is not one of {list(GROUNDING_TYPES)}")
+    _check(cfg.model.remat in ("none", "full", "dots"), "model.remat",
+           f"{cfg.model.remat!r} is not 'none', 'full' or 'dots'")
+    _check(cfg.model.preset in PRESETS or cfg.model.preset == "shapes" or cfg.model.init_from,
+           "model.preset", f"{cfg.model.preset!r} is not one of {sorted(PRESETS) + ['shapes']}")
+    for name in ("dtype", "param_dtype"):
+        _check(cfg.model[name] in ("float32", "bfloat16", "float16"), f"model.{name}",
+               f"{cfg.model[name]!r} is not float32, bfloat16 or float16")
+    grounding_config(cfg)
