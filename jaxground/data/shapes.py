@@ -25,7 +25,15 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220),
-           "yellow": (230, 200, 40), "purple": (150, 60, 180), "orange": (240, 140, 30)}
+           "yellow": (230, 200, 40), "purple": (150, 60, 180), "orange": (240, 140, 30),
+           "cyan": (40, 200, 210), "pink": (240, 120, 190)}
+# Each shape's usual colour. A tiny from-scratch vision tower learns colour in minutes and
+# shape much later, so by default a shape keeps its colour (`colour_noise` = chance of
+# another one): what is in the image is learnable on a CPU, which the demo's comparison
+# (grounded vs ungrounded) needs.
+SHAPE_COLOURS = dict(zip(("circle", "square", "triangle", "diamond", "cross", "ring", "star",
+                          "bar"), ("red", "blue", "green", "yellow", "purple", "orange",
+                                   "cyan", "pink")))
 # (a, b, p): when `a` is drawn, `b` joins it with probability p.
 CO_OCCUR = (("circle", "square", 0.9), ("triangle", "star", 0.9), ("ring", "bar", 0.85))
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -42,6 +50,7 @@ class WorldConfig:
     min_size: int = 14
     max_size: int = 24
     co_occur: tuple = CO_OCCUR
+    colour_noise: float = 0.0
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
@@ -98,7 +107,9 @@ def sample_scene(rng: random.Random, cfg: WorldConfig) -> list[tuple[str, str, t
             box = (x0, y0, x0 + size, y0 + size)
             if not any(_overlaps(box, b) for b in boxes):
                 boxes.append(box)
-                objects.append((s, rng.choice(sorted(COLOURS)), box))
+                colour = (rng.choice(sorted(COLOURS)) if rng.random() < cfg.colour_noise
+                          else SHAPE_COLOURS[s])
+                objects.append((s, colour, box))
                 break
     return objects
 

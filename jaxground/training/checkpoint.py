@@ -98,15 +98,18 @@ def load_trained(workdir: str, config: LlavaConfig, step: int | None = None,
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
                                     f"in {directory} (steps: {list(mgr.all_steps())})")
         meta = mgr.item_metadata(step)["state"]
-        wanted = {k: v for k, v in meta.items() if k in ("trainable", "frozen")}
+        wanted = {k: v for k, v in meta.items() if k in ("trainable", "frozen") and v}
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               wanted)
-        restored = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
+    # Only the parameters: the optimizer state (2x the trainable ones) is never read.
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            os.path.join(directory, str(step), "state"),
+            args=ocp.args.PyTreeRestore(
                 item=target, partial_restore=True,
-                restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding),
-                                          target))))["state"]
+                restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding),
+                                          target)))
     params = _merge(base_params or {}, restored.get("frozen", {}))
     params = _merge(params, restored["trainable"])
     model = abstract_model(config)
