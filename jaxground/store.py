@@ -131,8 +131,10 @@ def restore_params(path: str, config: LlavaConfig, shardings=None) -> dict[str, 
         return ckptr.restore(params_dir, target)
 
 
-def load(path: str, dtype: str | Any = None, shardings=None) -> LlavaModel:
-    """The NNX LLaVA model stored in a converted checkpoint dir.
+def load(path: str, dtype: str | Any = None, shardings=None, step: int | None = None
+         ) -> LlavaModel:
+    """The NNX LLaVA model stored in a converted checkpoint dir, or in a training workdir
+    (its latest checkpoint, or `step`).
 
     `dtype` ("float32", "bfloat16" or a jnp dtype) overrides both the parameter and the
     compute dtype; parameters are cast while restoring.
@@ -142,6 +144,10 @@ def load(path: str, dtype: str | Any = None, shardings=None) -> LlavaModel:
         name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
         dtype_of(name)
         config = config.replace(param_dtype=name, dtype=name)
+    from jaxground.training import checkpoint  # a training workdir
+
+    if checkpoint.is_workdir(path):
+        return checkpoint.load_trained(path, config, step)
     params = restore_params(path, config, shardings)
     model = abstract_model(config)
     graphdef, state = nnx.split(model)

@@ -320,15 +320,17 @@ def _loop(cfg, workdir, state, step_fn, evaluate_fn, data_iter, first, eval_iter
                     f"{m['bad_steps']} consecutive steps with a non-finite loss or gradient "
                     f"(train.max_bad_steps={t.max_bad_steps}); stopped at step {step}. The "
                     "last good checkpoint is untouched.")
-            if step % t.checkpoint_every == 0 or step == t.steps or stop.signal:
+            stopping = stop.signal or step == t.stop_at
+            if step % t.checkpoint_every == 0 or step == t.steps or stopping:
                 ckpt.save(step, state, data_iter)
             if can_eval and t.eval_every and (step % t.eval_every == 0 or step == t.steps):
                 ev = evaluate(evaluate_fn, state, eval_iter, mesh, t.eval_batches)
                 if ev:
                     metrics_log.write(step, ev, split="eval")
                     last = {**last, **{f"eval_{k}": v for k, v in ev.items()}}
-            if stop.signal:
-                log.warning("signal %d: saved step %d, exiting", stop.signal, step)
+            if stopping:
+                log.warning("%s: saved step %d, exiting",
+                            f"signal {stop.signal}" if stop.signal else "train.stop_at", step)
                 break
     finally:
         bar.close()

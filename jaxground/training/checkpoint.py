@@ -110,12 +110,30 @@ def load_trained(workdir: str, config: LlavaConfig, step: int | None = None,
                 item=target, partial_restore=True,
                 restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding),
                                           target)))
+    if "frozen" not in restored and base_params is None:
+        base_params = _frozen_from_init(workdir, config)
     params = _merge(base_params or {}, restored.get("frozen", {}))
     params = _merge(params, restored["trainable"])
     model = abstract_model(config)
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _frozen_from_init(workdir: str, config: LlavaConfig) -> dict:
+    """Parameters of `model.init_from` (the run did not save its frozen ones)."""
+    from jaxground import store
+
+    path = os.path.join(workdir, TRAIN_CONFIG_FILE)
+    init_from = json.load(open(path))["model"]["init_from"] if os.path.exists(path) else ""
+    if not init_from:
+        return {}
+    saved = store.read_config(init_from).replace(dtype=config.dtype,
+                                                 param_dtype=config.param_dtype)
+    params = store.restore_params(init_from, saved)
+    if saved.grounding != config.grounding:
+        params["language_model"].pop("grounding_heads", None)
+    return params
 
 
 def _merge(a: dict, b: dict) -> dict:

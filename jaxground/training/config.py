@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
         checkpoint_every=100, keep_checkpoints=3, save_frozen=True,
         log_every=1, eval_every=0, eval_batches=8, max_bad_steps=5,
         progress=True,
+        stop_at=0,             # save and exit cleanly at this global step (0: off), e.g.
+                               # to fit a job's time slice; rerun to continue
         debug_nan_steps=""))   # fault injection: comma-separated steps given a NaN batch
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,

@@ -76,8 +76,9 @@ def make_mesh(axis_sizes: Mapping[str, int]) -> jax.sharding.Mesh:
     if int(np.prod(sizes)) != n:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} has {int(np.prod(sizes))} "
                          f"devices but {n} are available")
+    # Auto axes: shardings are set on parameters and batches; XLA propagates the rest.
     return jax.make_mesh(tuple(sizes), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def _mesh_axes(logical: str | None, mesh) -> tuple[str, ...]:
