@@ -129,7 +129,7 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, worlds):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     done = complete_steps(wd)
-    assert done and done[-1] >= 12
+    assert done and done[-1] >= 8  # step 12 may still have been writing (async): not counted
     r = run(train_cmd(wd, worlds, "--config.train.steps=400",
                       "--config.train.checkpoint_every=4", f"--config.train.stop_at={done[-1] + 2}"))
     assert f"resumed from step {done[-1]}" in r.stderr

@@ -45,18 +45,23 @@ _STACKED = re.compile(r"(^|/)(layers|grounding_heads)/")
 
 
 def init_distributed(cfg: Mapping | None = None) -> None:
-    """`jax.distributed.initialize()` when the config or the environment asks for it."""
-    coordinator = (cfg or {}).get("coordinator_address") or os.environ.get(
-        "JAXGROUND_COORDINATOR")
-    if coordinator:
-        jax.distributed.initialize(
-            coordinator_address=coordinator,
-            num_processes=int((cfg or {}).get("num_processes") or
-                              os.environ["JAXGROUND_NUM_PROCESSES"]),
-            process_id=int((cfg or {}).get("process_id", os.environ.get(
-                "JAXGROUND_PROCESS_ID", 0))))
-    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID"):
-        jax.distributed.initialize()  # cluster auto-detection (TPU pods, SLURM, ...)
+    """`jax.distributed.initialize()` when the config (`distributed.*`) or the environment
+    (JAXGROUND_COORDINATOR, JAXGROUND_NUM_PROCESSES, JAXGROUND_PROCESS_ID; or a cluster JAX
+    detects itself: TPU pods, SLURM, ...) asks for it."""
+    cfg = dict(cfg or {})
+    if cfg.get("coordinator_address"):
+        address, count, index = (cfg["coordinator_address"], cfg["num_processes"],
+                                 cfg["process_id"])
+    elif os.environ.get("JAXGROUND_COORDINATOR"):
+        address = os.environ["JAXGROUND_COORDINATOR"]
+        count = int(os.environ["JAXGROUND_NUM_PROCESSES"])
+        index = int(os.environ["JAXGROUND_PROCESS_ID"])
+    else:
+        if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID"):
+            jax.distributed.initialize()
+        return
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(count),
+                               process_id=int(index))
 
 
 def make_mesh(axis_sizes: Mapping[str, int]) -> jax.sharding.Mesh:
