@@ -332,7 +332,81 @@ def bench_forward(ctx: dict, args) -> dict:
     return result
 
 
-SECTIONS = {"forward": bench_forward}
+def bench_train_step(ctx: dict, args) -> dict:
+    """One AdamW step (forward, backward, update of every parameter), fp32: our jitted,
+    donating train step (jaxground.training.step) vs torch.optim.AdamW on the HF model.
+    The like-for-like pair is the model without heads and the LM loss only; the default
+    model adds its heads and the BCE grounding loss."""
+    import ml_collections
+    import optax  # noqa: F401  (through make_optimizer)
+
+    from jaxground.training.losses import LossConfig
+    from jaxground.training.optim import make_optimizer, trainable_filter
+    from jaxground.training.step import init_state, make_step_fn
+
+    cfg = ctx["config"]
+    ids, mask, px = make_inputs(args.batch, args.text_tokens, cfg.image_seq_length,
+                                cfg.vision.image_size)
+    labels = np.where(ids == IMAGE_TOKEN, -100, ids)
+    rng = np.random.default_rng(1)
+    g_labels = np.where((ids != IMAGE_TOKEN) & (rng.random(ids.shape) < 0.2),
+                        rng.integers(0, 2, ids.shape), -1)
+    batch = {k: jax.numpy.asarray(v) for k, v in dict(
+        input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels,
+        grounding_labels=g_labels, lm_rows=np.ones(args.batch, bool),
+        is_positive=np.ones(args.batch, bool),
+        pair_index=-np.ones(args.batch, np.int32)).items()}
+    train_cfg = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, steps=1000,
+                                               end_lr_fraction=0.1, b1=0.9, b2=0.999,
+                                               weight_decay=0.0, clip_norm=1e9, grad_accum=1))
+
+    def jax_step(model, grounding_weight):
+        tx, schedule = make_optimizer(train_cfg)
+        graphdef, state = init_state(model, trainable_filter(".*"), tx, 0)
+        step = jax.jit(make_step_fn(graphdef, tx, LossConfig(grounding_weight), schedule),
+                       donate_argnums=(0,))
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], batch)
+            return jax.block_until_ready(metrics)
+        return run
+
+    hf = ctx["hf"]
+    hf.train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
+    ids_t, mask_t, px_t, labels_t = map(torch.from_numpy, (ids, mask, px, labels))
+
+    def hf_step():
+        torch.set_grad_enabled(True)  # main() turns autograd off for the other sections
+        opt.zero_grad(set_to_none=True)
+        loss = hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=px_t, labels=labels_t,
+                  use_cache=False).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    fns = {"jaxground": jax_step(ctx["jg"], 1.0), "hf": hf_step}
+    if "jg_plain" in ctx:
+        fns["jaxground_no_heads"] = jax_step(ctx["jg_plain"], 0.0)
+    t = time_interleaved(fns, args.repeats, args.warmup)
+    torch.set_grad_enabled(False)
+    hf.eval()
+    out = {
+        "workload": f"AdamW step, fp32, B={args.batch} T={ids.shape[1]}",
+        "jaxground_ms": t["jaxground"]["median_ms"], "hf_ms": t["hf"]["median_ms"],
+        "ratio": round(t["jaxground"]["median_ms"] / t["hf"]["median_ms"], 3),
+        "hf_attn_implementation": args.attn,
+        "timing": t.pop("_stats"),
+        "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
+    }
+    if "jaxground_no_heads" in t:
+        out["jaxground_no_heads_ms"] = t["jaxground_no_heads"]["median_ms"]
+        out["ratio_no_heads"] = round(out["jaxground_no_heads_ms"] / out["hf_ms"], 3)
+    return out
+
+
+SECTIONS = {"forward": bench_forward, "train_step": bench_train_step}
 
 
 # ---- report -----------------------------------------------------------------------------------

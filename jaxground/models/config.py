@@ -64,6 +64,9 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    # "xla": any mask (left padding included). "cudnn": fused flash attention on NVIDIA
+    # GPUs, causal only, so valid for right-padded batches (training) and unpadded rows.
+    attention_impl: str = "xla"
 
 
 GROUNDING_TYPES = ("similarity", "learned", "cross_attention")
@@ -157,6 +160,8 @@ class LlavaConfig:
         if self.vision.hidden_act != "quick_gelu":
             raise ConfigError(f"vision.hidden_act {self.vision.hidden_act!r}: only quick_gelu "
                               "(CLIP's) is implemented")
+        if t.attention_impl not in ("xla", "cudnn"):
+            raise ConfigError(f"text.attention_impl {t.attention_impl!r}: use 'xla' or 'cudnn'")
         if t.hidden_act != "silu":
             raise ConfigError(f"text.hidden_act {t.hidden_act!r}: only silu is implemented")
         if self.projector_hidden_act != "gelu":

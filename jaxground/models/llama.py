@@ -67,6 +67,7 @@ class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
         d, h = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.impl = cfg.attention_impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(d, cfg.num_heads * h, use_bias=cfg.attention_bias, **kw)
         self.k_proj = nnx.Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
@@ -80,7 +81,11 @@ class LlamaAttention(nnx.Module):
         q, k = apply_rope(q, cos_bth, sin_bth), apply_rope(k, cos_bth, sin_bth)
         # Grouped-query attention: dot_product_attention shares each kv head across
         # num_heads // num_kv_heads query heads.
-        out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts)
+        if self.impl == "cudnn":
+            out_btnh = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                    implementation="cudnn")
+        else:
+            out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts)
         return self.o_proj(rearrange(out_btnh, "b t n h -> b t (n h)"))
 
 
