@@ -105,18 +105,17 @@ def build_model(cfg, config: LlavaConfig, mesh):
     if not cfg.model.init_from:
         return init_model(config, seed=cfg.train.seed)
     saved = store.read_config(cfg.model.init_from)
-    same_heads = saved.grounding == config.grounding
     source = saved.replace(dtype=config.dtype, param_dtype=config.param_dtype)
-    if not same_heads:
-        source = source.replace(grounding=config.grounding.__class__(layers=()))
     abstract = nnx.state(abstract_model(source), nnx.Param)
     shardings = sharding.tree_shardings(nnx.to_pure_dict(abstract), mesh)
     params = store.restore_params(cfg.model.init_from, source, shardings)
-    if not same_heads:
-        log.info("init_from has %s heads; starting %s heads fresh", saved.grounding.type,
-                 config.grounding.type)
+    if saved.grounding != config.grounding:
+        log.info("init_from has %s heads on layers %s; starting %s heads on layers %s fresh",
+                 saved.grounding.type, list(saved.grounded_layers), config.grounding.type,
+                 list(config.grounded_layers))
+        params["language_model"].pop("grounding_heads", None)
         params["language_model"].update(
-            fresh_grounding_heads(config, cfg.train.seed)["language_model"])
+            fresh_grounding_heads(config, cfg.train.seed).get("language_model", {}))
     model = abstract_model(config)
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, params)

@@ -73,6 +73,12 @@ def test_sharded_mesh_matches_one_device(tmp_path, worlds):
     for ra, rb in zip(a, b):
         for k in ("loss", "lm_loss", "grounding_loss"):
             assert abs(ra[k] - rb[k]) <= 1e-5, (ra["step"], k, ra[k], rb[k])
+    # A run stopped on one device and resumed on eight continues the same trajectory.
+    mixed = tmp_path / "mixed"
+    run(train_cmd(mixed, worlds, "--config.train.steps=3", "--config.train.stop_at=2"))
+    run(train_cmd(mixed, worlds, "--config.train.steps=3", "--config.mesh.data=2",
+                  "--config.mesh.fsdp=2", "--config.mesh.tensor=2"), devices=8)
+    assert abs(metrics(mixed)[-1]["loss"] - a[-1]["loss"]) <= 1e-5
     pa, pb = params(one), params(eight)
     for k in pa:
         if "k_proj']['bias" in k:
@@ -218,3 +224,29 @@ def test_default_shapes_run_learns(tmp_path):
     last_lm = np.mean([r["lm_loss"] for r in train[-20:]])
     assert last_lm <= first_lm / 2, (first_lm, last_lm)
     assert ev[-1]["grounding_auroc"] >= 0.9, ev
+
+
+def test_llava_preset_fine_tunes_a_converted_checkpoint(tmp_path, worlds):
+    """configs/llava_1_5_7b.py's recipe (bf16 compute, frozen CLIP + LLM in bf16, projector
+    and heads trained, frozen weights not saved) on a tiny converted HF model."""
+    import hf_tiny
+    from jaxground.hf_convert import hf_to_jaxground
+
+    hf = hf_tiny.build_hf("mha", seed=3)
+    hf_tiny.save_hf(hf, str(tmp_path / "hf"))
+    hf_tiny.make_processor(hf).save_pretrained(str(tmp_path / "hf"))
+    hf_to_jaxground(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    wd = tmp_path / "run"
+    run(train_cmd(wd, worlds, "--config.train.steps=2", "--config.train.warmup_steps=1",
+                  f"--config.model.init_from={tmp_path / 'ckpt'}", "--config.data.workers=0",
+                  "--config.data.groups_per_batch=2", "--config.data.max_length=64",
+                  "--config.grounding.type=learned", "--config.grounding.dim=16",
+                  config="configs/llava_1_5_7b.py"))
+    assert [r["step"] for r in metrics(wd)] == [1, 2]
+    before, after = params(tmp_path / "ckpt"), params(wd)
+    for k in before:
+        if "grounding_heads" in k:
+            continue  # the converted similarity heads were replaced by learned ones
+        moved = not np.array_equal(before[k], after[k])
+        assert moved == ("projector" in k), k
+    assert any("text_proj" in k for k in after)

@@ -56,6 +56,32 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def llava_1_5_config(preset: str) -> ml_collections.ConfigDict:
+    """Grounding fine-tuning of a converted LLaVA-1.5 (7B or 13B): bf16 compute, fp32
+    master copies of the trainable projector + heads, frozen CLIP and LLM kept in bf16."""
+    c = default_config()
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.frozen_dtype = "bfloat16"
+    c.model.remat = "dots"
+    c.grounding.layers = ""             # the last four decoder layers
+    c.grounding.type = "similarity"
+    c.loss.grounding_weight = 0.5
+    c.data.template = "hf"
+    c.data.pad_to_square = True         # LLaVA-1.5's image_aspect_ratio="pad"
+    c.data.groups_per_batch = 64
+    c.data.max_length = 768             # 576 image tokens + prompt + caption
+    c.data.workers = 8
+    c.train.steps = 5000
+    c.train.lr = 2e-5
+    c.train.warmup_steps = 150
+    c.train.trainable = "projector,grounding_heads"
+    c.train.save_frozen = False         # frozen weights come back from init_from
+    c.train.checkpoint_every = 500
+    return c
+
+
 class ConfigValueError(ValueError):
     """An impossible training-config value; the message names the field."""
 
