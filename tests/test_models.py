@@ -67,3 +67,23 @@ def test_forward_is_traceable_and_differentiable():
     grads = nnx.grad(loss)(model)
     norms = jax.tree.leaves(jax.tree.map(lambda g: float(jnp.abs(g).sum()), grads))
     assert all(np.isfinite(norms)) and sum(norms) > 0
+
+
+def test_remat_changes_memory_not_gradients():
+    from flax import nnx
+
+    cfg = tiny()
+    ids, px = tiny_inputs(cfg)
+    grads = {}
+    for remat in ("none", "full", "dots"):
+        model = init_model(cfg.replace(remat=remat))
+        graphdef, state = nnx.split(model)
+
+        def loss(s):
+            m = nnx.merge(graphdef, s)
+            return m.forward(jnp.asarray(ids), jnp.asarray(px)).logits.mean()
+
+        grads[remat] = jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+    for remat in ("full", "dots"):
+        for a, b in zip(grads["none"], grads[remat]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

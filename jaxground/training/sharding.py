@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxground.training.optim import path_string
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
@@ -109,10 +111,6 @@ def spec_for(path: str, shape: tuple[int, ...], mesh) -> P:
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         spec.append(None if not axes or dim % size else (axes[0] if len(axes) == 1 else axes))
     return P(*spec)
-
-
-def path_string(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def tree_shardings(tree, mesh):
