@@ -30,7 +30,8 @@ _ANIMALS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "
 _VEHICLES = ["jet", "train"]
 # Words inflect would wrongly singularise ("glass" -> "glas" is CHAIR's own quirk too).
 _KEEP = {"glass", "bus", "grass", "cross", "is", "this", "was", "has", "as", "its", "his",
-         "us", "yes", "class", "dress", "species", "scissors", "sheep", "skis", "ski"}
+         "us", "yes", "class", "dress", "species", "scissors", "sheep", "skis", "ski", "gas",
+         "bos", "ous", "les", "mrs", "dos"}
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -48,7 +49,7 @@ def _engine():
 
 
 def singular(word: str) -> str:
-    if word in _KEEP or len(word) <= 3:
+    if word in _KEEP or len(word) <= 2:
         return word
     s = _engine().singular_noun(word)
     return s if s else word
