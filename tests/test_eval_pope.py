@@ -123,8 +123,8 @@ def test_read_pope_questions(tmp_path):
     qs = pope.read_pope_questions(str(official))
     assert [(q["question_id"], q["label"], q["category"]) for q in qs] == [
         (1, "yes", "popular"), (2, "no", "popular")]
-    assert pope.prompt(qs[0]["text"]) == ("Is there a snowboard in the image?"
-                                          " Answer the question using a single word or phrase.")
+    assert pope.prompt(qs[0]["text"]) == ("Is there a snowboard in the image?\n"
+                                          "Answer the question using a single word or phrase.")
 
     ours = tmp_path / "records.jsonl"
     ours.write_text("\n".join(json.dumps(r) for r in [

@@ -37,7 +37,7 @@ class PipelineConfig:
     on_bad_image: str = "skip"       # "skip" (log + count) | "error"
     on_too_long: str = "drop"        # "drop" | "error"
     caption_prompt: str = "Describe the image."
-    question_suffix: str = " Answer the question using a single word or phrase."
+    question_suffix: str = "\nAnswer the question using a single word or phrase."
 
     def __post_init__(self):
         if self.on_bad_image not in ("skip", "error"):

@@ -1,2 +1,1 @@
-"""Hallucination benchmarks: POPE (yes/no object probing) and CHAIR (object hallucination in
-free captions). Pure Python scoring; generating the answers/captions is the model's job."""
+"""Hallucination metrics: POPE, CHAIR and MME scoring of answers and captions."""

@@ -25,7 +25,8 @@ import json
 import os
 import re
 
-PROMPT_SUFFIX = " Answer the question using a single word or phrase."
+# LLaVA-1.5's POPE questions end with this line (a newline, then the instruction).
+PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_KEYS = ("strategy", "category")
 _SPLITS = ("random", "popular", "adversarial")
 
