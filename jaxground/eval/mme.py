@@ -30,6 +30,8 @@ import argparse
 import json
 import os
 
+from jaxground.eval.pope import index_by_question_id
+
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
@@ -143,14 +145,7 @@ def score(records: list[dict], answers: list[dict]) -> dict:
     "perception_subtasks", "cognition_subtasks" (the ones summed), "missing" (question ids
     with no answer, scored wrong), "unexpected" (answer ids no question has)}.
     Answers are {"question_id", "text"} joined by question_id."""
-    by_id: dict[str, dict] = {}
-    for a in answers:
-        if "question_id" not in a:
-            raise ValueError(f"answer record without question_id: {a!r}")
-        k = str(a["question_id"])
-        if k in by_id:
-            raise ValueError(f"duplicate answer for question_id {a['question_id']!r}")
-        by_id[k] = a
+    by_id = index_by_question_id(answers, "answer")
     seen: set[str] = set()
     groups: dict[str, dict[str, list[bool]]] = {}
     stats: dict[str, dict] = {}

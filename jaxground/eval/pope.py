@@ -75,7 +75,8 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
-def _index(records, what: str) -> dict:
+def index_by_question_id(records, what: str) -> dict:
+    """{str(question_id): record}; a record without an id or a repeated id is an error."""
     out = {}
     for r in records:
         if "question_id" not in r:
@@ -117,7 +118,8 @@ def score(questions: list[dict], answers: list[dict]) -> dict:
     """accuracy, precision, recall, f1 (positive class: yes), yes_ratio, the counts
     tp/fp/tn/fn/total/answered, and the ids "missing" (no answer) and "unexpected" (an answer
     for no question)."""
-    qs, ans = _index(questions, "question"), _index(answers, "answer")
+    qs = index_by_question_id(questions, "question")
+    ans = index_by_question_id(answers, "answer")
     out = _metrics(qs, ans)
     out["unexpected"] = [a["question_id"] for k, a in ans.items() if k not in qs]
     return out
@@ -127,7 +129,8 @@ def score_splits(questions: list[dict], answers: list[dict]) -> dict:
     """{split: score(...) for that split's questions, "mean_f1": mean over the splits,
     "unexpected": answer ids no question of any split has}. Questions without a split key
     fall in the split "all"."""
-    qs, ans = _index(questions, "question"), _index(answers, "answer")
+    qs = index_by_question_id(questions, "question")
+    ans = index_by_question_id(answers, "answer")
     groups: dict[str, dict] = {}
     for k, q in qs.items():
         groups.setdefault(question_split(q), {})[k] = q
