@@ -237,13 +237,14 @@ def _flat(nested: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], o
     return out
 
 
-def copy_side_files(hf_dir: str, out_dir: str) -> list[str]:
-    """Copies tokenizer / processor / generation files (everything but weights)."""
+def copy_side_files(hf_dir: str, out_dir: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Copies tokenizer / processor / generation files (everything but weights and the
+    names in `exclude`)."""
     copied = []
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
         if (os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES)
-                and name not in WEIGHT_INDEXES):
+                and name not in WEIGHT_INDEXES and name not in exclude):
             shutil.copy2(src, os.path.join(out_dir, name))
             copied.append(name)
     return copied
@@ -296,10 +297,8 @@ def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30)
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    for name in os.listdir(ckpt_dir):  # tokenizer / processor files travel along
-        src = os.path.join(ckpt_dir, name)
-        if os.path.isfile(src) and name not in (store.CONFIG_FILE, "config.json"):
-            shutil.copy2(src, os.path.join(out_dir, name))
+    # Tokenizer / processor files travel along; config.json is written fresh below.
+    copy_side_files(ckpt_dir, out_dir, exclude=(store.CONFIG_FILE, "config.json"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=2)
     return names + ([HEADS_FILE] if heads else []) + ["config.json"]

@@ -157,7 +157,9 @@ def load(path: str, dtype: str | Any = None, shardings=None, step: int | None = 
 
 def load_processor(path: str):
     """The HF LLaVA processor (tokenizer + CLIP image processor) saved next to the weights."""
-    from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+    from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor
+
+    from jaxground.data.processor import clip_image_processor
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint dir {path} does not exist")
@@ -170,12 +172,7 @@ def load_processor(path: str):
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     config = read_config(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if os.path.exists(os.path.join(path, "preprocessor_config.json")):
-        image_processor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
-    else:
-        size = config.vision.image_size
-        image_processor = CLIPImageProcessor(size={"shortest_edge": size},
-                                             crop_size={"height": size, "width": size})
+    image_processor = clip_image_processor(config.vision.image_size, path)
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=config.vision.patch_size,
                           vision_feature_select_strategy=config.vision_feature_select_strategy,
