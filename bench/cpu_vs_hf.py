@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cpu_vs_hf.py                      # forward, 7 repeats, batch 2
     .venv/bin/python bench/cpu_vs_hf.py --repeats 11 --also-eager --wait-quiet 120
+    .venv/bin/python bench/cpu_vs_hf.py --sections generate --wait-quiet 120  # B 1 and 8
 
 Builds the "mid" LLaVA (CLIP 6x384 @224/14 + LLaMA 8x512, vocab 32064) in transformers with
 random weights, saves it, converts it with `jaxground.hf_convert.hf_to_jaxground`, loads it
@@ -9,9 +10,15 @@ with `jaxground.load`, then times each section for both frameworks and checks th
 agree. Results go to stdout as a table and to bench/out/cpu_vs_hf.json as
 {"machine": ..., "config": ..., "<section>": {...}}.
 
-Sections are functions `bench_<name>(ctx, args) -> dict` registered in SECTIONS; a later
-benchmark (train_step, generate) adds one function and one SECTIONS entry, and reuses
-`time_interleaved` and the models in `ctx`.
+Sections are functions `bench_<name>(ctx, args) -> dict` registered in SECTIONS; a new
+benchmark adds one function and one SECTIONS entry, and reuses `time_interleaved` and the
+models in `ctx`. Sections: `forward` (logits of a batch), `train_step` (one AdamW step) and
+`generate`: greedy decoding of --new-tokens (64) per row with no EOS, `jaxground.generate` vs
+HF `model.generate(do_sample=False)`, at each of --gen-batches (1,8) on left-padded prompts of
+different lengths; it reports new tokens/s of both and their ratio (goal: jaxground >= 3x), the
+share of generated tokens identical to HF's, and the cost per step of grounding-guided
+decoding (--guidance 1.0, --guidance-top-k 5) vs plain greedy. Whole calls are timed (prefill
+included); calls with 1 new token also give the decode step alone, (t(N) - t(1)) / (N - 1).
 
 Timing: after warm-up (which includes XLA compilation), the frameworks are run alternately
 (A B, B A, ...) with a short pause before each call, so that a load change on the machine
@@ -83,6 +90,8 @@ from jaxground.models import config as jg_config  # noqa: E402
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu_vs_hf.json")
 IMAGE_TOKEN = 32000
 RATIO_GOAL = 0.7
+GEN_SPEEDUP_GOAL = 3.0  # generate: jaxground new tokens/s >= 3x HF's
+PAD_TOKEN = 32001  # the mid config's pad_token_id
 PAUSE_S = 0.05  # before each timed call: lets the other pool's spinning threads go idle
 
 
@@ -173,9 +182,9 @@ def hf_mid_config() -> HFLlavaConfig:
     text = LlamaConfig(vocab_size=32064, hidden_size=512, intermediate_size=1376,
                        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                        head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=1024,
-                       pad_token_id=32001)
+                       pad_token_id=PAD_TOKEN)
     return HFLlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         pad_token_id=32001)
+                         pad_token_id=PAD_TOKEN)
 
 
 def _shape_fields(c) -> tuple:
@@ -406,7 +415,153 @@ def bench_train_step(ctx: dict, args) -> dict:
     return out
 
 
-SECTIONS = {"forward": bench_forward, "train_step": bench_train_step}
+def make_gen_inputs(batch: int, image_tokens: int, image_size: int, seed: int = 0):
+    """`batch` prompts of different lengths, left padded: BOS and 2-6 text tokens, the image
+    tokens, then 8-23 text tokens (row r: 3 + 2r mod 5 tokens before the image, 8 + 7r mod 17
+    after it). Padding holds PAD_TOKEN with mask 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for r in range(batch):
+        before, after = 3 + (2 * r) % 5, 8 + (7 * r) % 17
+        rows.append([1] + rng.integers(3, 32000, before - 1).tolist()
+                    + [IMAGE_TOKEN] * image_tokens + rng.integers(3, 32000, after).tolist())
+    t = max(map(len, rows))
+    ids = np.full((batch, t), PAD_TOKEN, np.int64)
+    mask = np.zeros((batch, t), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, t - len(row):] = row
+        mask[i, t - len(row):] = 1
+    pixels = rng.standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    return ids, mask, pixels
+
+
+def _agreement(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """Share of generated tokens equal to the reference's, position by position, and the mean
+    share of each row before its first difference (after one, the sequences diverge)."""
+    same = ours == ref
+    first_diff = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
+    return {"token_match_frac": round(float(same.mean()), 4),
+            "prefix_match_frac": round(float(first_diff.mean() / same.shape[1]), 4)}
+
+
+def _bench_generate_batch(ctx: dict, args, batch: int) -> dict:
+    cfg, n = ctx["config"], args.new_tokens
+    ids, mask, px = make_gen_inputs(batch, cfg.image_seq_length, cfg.vision.image_size,
+                                    seed=batch)
+    ids_t, mask_t, px_t = map(torch.from_numpy, (ids, mask, px))
+    px_j = jax.numpy.asarray(px)  # already on the device, like a user's batch
+
+    def jg_run(model, new, **kw):
+        # Blocks on every output (tokens, grounding scores, ...).
+        return lambda: jax.block_until_ready(jaxground.generate(
+            model, ids, px_j, attention_mask=mask, max_new_tokens=new, temperature=0.0,
+            eos_token_id=None, **kw))
+
+    def hf_run(model, new):
+        def run():
+            with torch.inference_mode():
+                # eos_token_id=None: no stopping, exactly `new` tokens (min_new_tokens is a
+                # guard in case an EOS id came from the model's generation config).
+                return model.generate(input_ids=ids_t, attention_mask=mask_t,
+                                      pixel_values=px_t, do_sample=False, max_new_tokens=new,
+                                      min_new_tokens=new, eos_token_id=None,
+                                      pad_token_id=PAD_TOKEN)
+        return run
+
+    guided = dict(guidance=args.guidance, guidance_top_k=args.guidance_top_k)
+    makers = {"jaxground": lambda new: jg_run(ctx["jg"], new)}
+    if "jg_plain" in ctx:
+        makers["jaxground_no_heads"] = lambda new: jg_run(ctx["jg_plain"], new)
+    if cfg.grounded_layers:  # guidance needs grounding heads
+        makers["jaxground_guided"] = lambda new: jg_run(ctx["jg"], new, **guided)
+    makers["hf"] = lambda new: hf_run(ctx["hf"], new)
+    if "hf_eager" in ctx:
+        makers["hf_eager"] = lambda new: hf_run(ctx["hf_eager"], new)
+    fns = {k: make(n) for k, make in makers.items()}
+    split = n > 1 and not args.no_gen_split
+    if split:  # prefill + 1 token: (t(N) - t(1)) / (N - 1) is the cost of one decode step
+        fns.update({f"{k}@1": make(1) for k, make in makers.items()})
+
+    # First calls: tracing + XLA compilation for jaxground, and the tokens to compare.
+    first_call_s, tokens = {}, {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        res = fn()
+        if k.startswith("jaxground"):
+            first_call_s[k] = round(time.perf_counter() - t0, 2)
+        if "@" not in k:
+            tokens[k] = (res[:, ids.shape[1]:].numpy() if k.startswith("hf")
+                         else np.asarray(res.tokens))
+    for k, tok in tokens.items():
+        if tok.shape != (batch, n):
+            raise SystemExit(f"generate: {k} produced tokens of shape {tok.shape}, expected "
+                             f"{(batch, n)} (stopped early?)")
+
+    t = time_interleaved(fns, args.repeats, args.warmup)
+    stats = t.pop("_stats")
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    impls = {}
+    for k in makers:
+        row = {"ms": ms[k], "tokens_per_s": round(batch * n / ms[k] * 1e3, 1),
+               "ms_per_step": round(ms[k] / n, 3),
+               "ms_per_new_token": round(ms[k] / (batch * n), 3)}
+        if split:
+            row["prefill_and_1_token_ms"] = ms[f"{k}@1"]
+            row["decode_ms_per_step"] = round((ms[k] - ms[f"{k}@1"]) / (n - 1), 3)
+        if k in first_call_s:
+            row["first_call_s"] = first_call_s[k]
+        impls[k] = row
+
+    out = {
+        "workload": (f"B={batch}, prompts of {sorted(set(mask.sum(1).tolist()))} tokens "
+                     f"({cfg.image_seq_length} image + text) left padded to T={ids.shape[1]}, "
+                     f"{n} new tokens"),
+        "batch": batch, "seq_len": int(ids.shape[1]),
+        "prompt_lengths": mask.sum(1).tolist(), "new_tokens": n,
+        "jaxground_tokens_per_s": impls["jaxground"]["tokens_per_s"],
+        "hf_tokens_per_s": impls["hf"]["tokens_per_s"],
+        "speedup": round(ms["hf"] / ms["jaxground"], 3),
+        **{f"hf_{k}": v for k, v in _agreement(tokens["jaxground"], tokens["hf"]).items()},
+        "impls": impls,
+        "timing": stats,
+        "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
+        "runs_others_cpu_frac": {k: v["busy"] for k, v in t.items()},
+    }
+    if "jaxground_no_heads" in impls:
+        out["jaxground_no_heads_tokens_per_s"] = impls["jaxground_no_heads"]["tokens_per_s"]
+        out["speedup_no_heads"] = round(ms["hf"] / ms["jaxground_no_heads"], 3)
+        out["no_heads_hf_token_match_frac"] = _agreement(tokens["jaxground_no_heads"],
+                                                         tokens["hf"])["token_match_frac"]
+    if "jaxground_guided" in impls:
+        g, p = impls["jaxground_guided"], impls["jaxground"]
+        out["guided_ms_per_step"] = g["ms_per_step"]
+        out["greedy_ms_per_step"] = p["ms_per_step"]
+        out["guidance_cost_ratio"] = round(g["ms"] / p["ms"], 3)
+        if split and p["decode_ms_per_step"] > 0:
+            out["guidance_decode_cost_ratio"] = round(
+                g["decode_ms_per_step"] / p["decode_ms_per_step"], 3)
+        out["guided_tokens_equal_greedy_frac"] = round(
+            float(np.mean(tokens["jaxground_guided"] == tokens["jaxground"])), 4)
+    return out
+
+
+def bench_generate(ctx: dict, args) -> dict:
+    """Greedy decoding with a KV cache, `--new-tokens` per row (no EOS, so every row makes all
+    of them): `jaxground.generate` vs HF `model.generate(do_sample=False)`, and jaxground's
+    grounding-guided decoding (`--guidance`, `--guidance-top-k`) vs its plain greedy, for each
+    batch size in `--gen-batches`. Times are whole calls (prefill included); with the split
+    (default), the prefill + 1 token calls give the cost of one decode step alone."""
+    batches = [int(b) for b in args.gen_batches.split(",") if b.strip()]
+    out = {"new_tokens": args.new_tokens, "hf_attn_implementation": args.attn,
+           "guidance": args.guidance, "guidance_top_k": args.guidance_top_k,
+           "goal_speedup": GEN_SPEEDUP_GOAL, "batches": {}}
+    for b in batches:
+        out["batches"][str(b)] = _bench_generate_batch(ctx, args, b)
+    return out
+
+
+SECTIONS = {"forward": bench_forward, "train_step": bench_train_step,
+            "generate": bench_generate}
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -427,7 +582,7 @@ def print_report(results: dict) -> None:
           f"{c['text_hidden']}, vocab {c['vocab_size']}, {c['dtype']}, random weights\n")
     rows = []
     for name in SECTIONS:
-        if name not in results:
+        if name not in results or "jaxground_ms" not in results[name]:
             continue
         r = results[name]
         hf_label = f"HF {r['hf_attn_implementation']}"
@@ -438,13 +593,14 @@ def print_report(results: dict) -> None:
         rows.append((name, hf_label, r["hf_ms"], 1.0))
         if "hf_eager_ms" in r:
             rows.append((name, "HF eager", r["hf_eager_ms"], r["hf_eager_ms"] / r["hf_ms"]))
-    print(f"{'section':<9} {'implementation':<30} {'median ms':>10} {'vs HF':>7}")
-    print("-" * 60)
-    for sec, impl, ms, ratio in rows:
-        print(f"{sec:<9} {impl:<30} {ms:>10.1f} {ratio:>7.3f}")
-    print()
+    if rows:
+        print(f"{'section':<9} {'implementation':<30} {'median ms':>10} {'vs HF':>7}")
+        print("-" * 60)
+        for sec, impl, ms, ratio in rows:
+            print(f"{sec:<9} {impl:<30} {ms:>10.1f} {ratio:>7.3f}")
+        print()
     for name in SECTIONS:
-        if name not in results:
+        if name not in results or "jaxground_ms" not in results[name]:
             continue
         r = results[name]
         verdict = "meets" if r["ratio"] <= RATIO_GOAL else "misses"
@@ -458,18 +614,76 @@ def print_report(results: dict) -> None:
         if "jaxground_first_call_s" in r:
             print(f"  first jaxground call (tracing + XLA compile): "
                   f"{r['jaxground_first_call_s']:.1f} s")
-        tm = r.get("timing")
-        if tm is None:
-            continue
-        if tm["quiet_only"]:
-            print(f"  medians over quiet runs only (other processes < {tm['quiet_threshold']:.0%}"
-                  f" of a CPU): {tm['quiet_runs']} of {args_repeats(r)} runs")
-        else:
-            print(f"  WARNING: the machine was busy (other processes used a median "
-                  f"{tm['others_cpu_frac_median']:.0%} of a CPU per run; quiet runs "
-                  f"{tm['quiet_runs']}): timings are unreliable, PyTorch's OpenMP pool "
-                  "usually degrades most. Rerun with --wait-quiet / more --repeats.")
+        print_timing(r)
+    if "generate" in results:
+        print_generate(results["generate"])
     print()
+
+
+def print_timing(r: dict) -> None:
+    tm = r.get("timing")
+    if tm is None:
+        return
+    if tm["quiet_only"]:
+        print(f"  medians over quiet runs only (other processes < {tm['quiet_threshold']:.0%}"
+              f" of a CPU): {tm['quiet_runs']} of {args_repeats(r)} runs")
+    else:
+        print(f"  WARNING: the machine was busy (other processes used a median "
+              f"{tm['others_cpu_frac_median']:.0%} of a CPU per run; quiet runs "
+              f"{tm['quiet_runs']}): timings are unreliable, PyTorch's OpenMP pool "
+              "usually degrades most. Rerun with --wait-quiet / more --repeats.")
+
+
+GEN_LABELS = {"jaxground": "jaxground greedy (as converted)",
+              "jaxground_no_heads": "jaxground greedy, no heads",
+              "jaxground_guided": "jaxground guided", "hf": "HF generate", "hf_eager": "HF eager"}
+
+
+def print_generate(g: dict) -> None:
+    n = g["new_tokens"]
+    print(f"generate: {n} new tokens per row, greedy (no EOS); HF "
+          f"attn_implementation={g['hf_attn_implementation']!r}; guided = guidance "
+          f"{g['guidance']}, top-k {g['guidance_top_k']}. Times are whole calls, prefill "
+          "included.")
+    print("  step = one new token in every row; decode ms/step = (t(N) - t(prefill + 1 "
+          "token)) / (N - 1)")
+    print(f"{'B':>2} {'implementation':<32} {'median ms':>10} {'new tok/s':>10} "
+          f"{'ms/step':>8} {'decode ms/step':>15} {'vs HF':>7}")
+    print("-" * 90)
+    for b, r in g["batches"].items():
+        hf_ms = r["impls"]["hf"]["ms"]
+        for k, row in r["impls"].items():
+            dec = row.get("decode_ms_per_step")
+            dec = f"{dec:>15.2f}" if dec is not None else f"{'-':>15}"
+            print(f"{b:>2} {GEN_LABELS.get(k, k):<32} {row['ms']:>10.1f} "
+                  f"{row['tokens_per_s']:>10.1f} {row['ms_per_step']:>8.2f} {dec} "
+                  f"{hf_ms / row['ms']:>6.2f}x")
+    print()
+    for b, r in g["batches"].items():
+        ms = {k: v["ms"] for k, v in r["impls"].items()}
+        speedup = ms["hf"] / ms["jaxground"]  # unrounded, as in the table
+        verdict = "meets" if speedup >= g["goal_speedup"] else "misses"
+        no_heads = (f" (no heads {ms['hf'] / ms['jaxground_no_heads']:.2f}x)"
+                    if "jaxground_no_heads" in ms else "")
+        print(f"generate: {r['workload']}")
+        print(f"  new tokens/s jaxground {r['jaxground_tokens_per_s']:.1f} vs HF "
+              f"{r['hf_tokens_per_s']:.1f}: {speedup:.2f}x{no_heads}, {verdict} the goal "
+              f">= {g['goal_speedup']:g}x")
+        no_heads = (f" (no heads {r['no_heads_hf_token_match_frac']:.1%})"
+                    if "no_heads_hf_token_match_frac" in r else "")
+        print(f"  greedy tokens identical to HF's: {r['hf_token_match_frac']:.1%}{no_heads}; "
+              f"rows agree before their first difference for "
+              f"{r['hf_prefix_match_frac']:.1%} of the tokens (random weights: near-ties)")
+        if "guidance_cost_ratio" in r:
+            dec = (f"; decode step alone {r['guidance_decode_cost_ratio']:.2f}x"
+                   if "guidance_decode_cost_ratio" in r else "")
+            print(f"  guided vs greedy: {r['guided_ms_per_step']:.2f} vs "
+                  f"{r['greedy_ms_per_step']:.2f} ms/step = "
+                  f"{r['guidance_cost_ratio']:.2f}x per call{dec}")
+        firsts = {k: v["first_call_s"] for k, v in r["impls"].items() if "first_call_s" in v}
+        print("  first call (tracing + XLA compile): "
+              + ", ".join(f"{k} {s:.1f} s" for k, s in firsts.items()))
+        print_timing(r)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -491,6 +705,17 @@ def main(argv: list[str] | None = None) -> dict:
                    help="skip the jaxground model without grounding heads")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for other processes to go idle")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="generate: new tokens per row (no EOS, so exactly this many)")
+    p.add_argument("--gen-batches", default="1,8",
+                   help="generate: comma-separated batch sizes")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="generate: alpha of the grounding-guided run")
+    p.add_argument("--guidance-top-k", type=int, default=5,
+                   help="generate: candidates per step of the guided run")
+    p.add_argument("--no-gen-split", action="store_true",
+                   help="generate: skip the prefill + 1 token runs that isolate the "
+                        "decode step")
     p.add_argument("--out", default=OUT_JSON)
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -118,3 +118,16 @@ def vocabulary_for(categories: list[str]) -> ObjectVocabulary:
     if set(categories) <= set(coco.categories):
         return coco
     return ObjectVocabulary.from_categories(categories)
+
+
+def token_ids(tokenizer, vocab: ObjectVocabulary) -> list[int]:
+    """Ids of every token that spells part of an object word (singular or plural, with and
+    without a leading space): what grounding guidance and flagging look at. Subword
+    tokenizers make this a superset (pieces shared with other words are included)."""
+    ids = set()
+    words = set(vocab.synonyms) | set(vocab.double_words)
+    for w in words:
+        for form in {w, _engine().plural_noun(w) or w}:
+            for text in (form, " " + form):
+                ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted(ids - set(tokenizer.all_special_ids))

@@ -34,10 +34,14 @@ def unit(x, axis=-1, eps=1e-8):
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
+def cosines(text_btd, image_bpd):
+    """cos(text_t, image_p): [B, T, P]."""
+    return jnp.einsum("btd,bpd->btp", unit(text_btd), unit(image_bpd))
+
+
 def max_cosine(text_btd, image_bpd, image_valid_bp):
     """max over valid patches of cos(text_t, image_p): [B, T]."""
-    cos_btp = jnp.einsum("btd,bpd->btp", unit(text_btd), unit(image_bpd))
-    cos_btp = jnp.where(image_valid_bp[:, None, :], cos_btp, NEG)
+    cos_btp = jnp.where(image_valid_bp[:, None, :], cosines(text_btd, image_bpd), NEG)
     return jnp.max(cos_btp, axis=-1)
 
 
@@ -76,13 +80,29 @@ class GroundingHead(nnx.Module):
             s_bt, update = self._cross_attention(text_btd, image_bpd, image_valid_bp)
         return self.scale[...] * s_bt + self.bias[...], update
 
+    def patch_scores(self, text_btd, image_bpd, image_valid_bp):
+        """The per-patch evidence behind each token's score [B, T, P] (for heatmaps): the
+        cosines a similarity / learned head maximises, or a cross-attention head's attention
+        logits averaged over its heads. NaN at invalid patches."""
+        if self.type == "similarity":
+            s_btp = cosines(text_btd, image_bpd)
+        elif self.type == "learned":
+            s_btp = cosines(self.text_proj(text_btd), self.image_proj(image_bpd))
+        else:
+            s_btp = jnp.mean(self._attention_logits(text_btd, image_bpd), axis=1)
+        return jnp.where(image_valid_bp[:, None, :], s_btp, jnp.nan)
+
+    def _attention_logits(self, text_btd, image_bpd):
+        """[B, n, T, P] float32."""
+        q = rearrange(self.q_proj(text_btd), "b t (n h) -> b t n h", n=self.num_heads)
+        k = rearrange(self.k_proj(image_bpd), "b p (n h) -> b p n h", n=self.num_heads)
+        logits_bntp = jnp.einsum("btnh,bpnh->bntp", q, k).astype(jnp.float32)
+        return logits_bntp / jnp.sqrt(jnp.float32(q.shape[-1]))
+
     def _cross_attention(self, text_btd, image_bpd, image_valid_bp):
         n = self.num_heads
-        q = rearrange(self.q_proj(text_btd), "b t (n h) -> b t n h", n=n)
-        k = rearrange(self.k_proj(image_bpd), "b p (n h) -> b p n h", n=n)
         v = rearrange(self.v_proj(image_bpd), "b p (n h) -> b p n h", n=n)
-        logits_bntp = jnp.einsum("btnh,bpnh->bntp", q, k).astype(jnp.float32)
-        logits_bntp = logits_bntp / jnp.sqrt(jnp.float32(q.shape[-1]))
+        logits_bntp = self._attention_logits(text_btd, image_bpd)
         logits_bntp = jnp.where(image_valid_bp[:, None, None, :], logits_bntp, NEG)
         lse_bnt = jax.nn.logsumexp(logits_bntp, axis=-1)
         count_b = jnp.maximum(image_valid_bp.sum(-1), 1).astype(jnp.float32)

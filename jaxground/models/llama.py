@@ -74,11 +74,15 @@ class LlamaAttention(nnx.Module):
         self.v_proj = nnx.Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
         self.o_proj = nnx.Linear(cfg.num_heads * h, d, use_bias=cfg.attention_bias, **kw)
 
-    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts):
+    def _qkv(self, x_btd, cos_bth, sin_bth):
         q = rearrange(self.q_proj(x_btd), "b t (n h) -> b t n h", n=self.num_heads)
         k = rearrange(self.k_proj(x_btd), "b t (k h) -> b t k h", k=self.num_kv_heads)
         v = rearrange(self.v_proj(x_btd), "b t (k h) -> b t k h", k=self.num_kv_heads)
-        q, k = apply_rope(q, cos_bth, sin_bth), apply_rope(k, cos_bth, sin_bth)
+        return apply_rope(q, cos_bth, sin_bth), apply_rope(k, cos_bth, sin_bth), v
+
+    def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts):
+        """Self-attention over the sequence. Returns (out [B, T, D], (k, v) [B, T, K, H])."""
+        q, k, v = self._qkv(x_btd, cos_bth, sin_bth)
         # Grouped-query attention: dot_product_attention shares each kv head across
         # num_heads // num_kv_heads query heads.
         if self.impl == "cudnn":
@@ -86,7 +90,37 @@ class LlamaAttention(nnx.Module):
                                                     implementation="cudnn")
         else:
             out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts)
-        return self.o_proj(rearrange(out_btnh, "b t n h -> b t (n h)"))
+        return self.o_proj(rearrange(out_btnh, "b t n h -> b t (n h)")), (k, v)
+
+    def decode(self, x_bcd, cos_bch, sin_bch, cache: "LayerCache"):
+        """C candidate tokens per row, all at the same next position, each attending to the
+        cached keys and to itself only (not to each other): plain decoding is C = 1, guided
+        decoding scores its top-k candidates in one pass. Returns (out [B, C, D], (k, v)
+        [B, C, K, H]) - the caller writes the chosen token's k, v into the cache."""
+        q, k, v = self._qkv(x_bcd, cos_bch, sin_bch)
+        q = rearrange(q, "b c (k g) h -> b c k g h", k=self.num_kv_heads)
+        scale = q.shape[-1] ** -0.5
+        f32 = dict(preferred_element_type=jnp.float32)
+        cached_bckgs = jnp.einsum("bckgh,bskh->bckgs", q, cache.k_bskh, **f32) * scale
+        cached_bckgs = jnp.where(cache.valid_bs[:, None, None, None], cached_bckgs, NEG_INF)
+        own_bckg = jnp.einsum("bckgh,bckh->bckg", q, k, **f32) * scale
+        probs = jax.nn.softmax(jnp.concatenate([cached_bckgs, own_bckg[..., None]], -1), -1)
+        probs = probs.astype(v.dtype)
+        out = (jnp.einsum("bckgs,bskh->bckgh", probs[..., :-1], cache.v_bskh)
+               + probs[..., -1:] * v[:, :, :, None])
+        return self.o_proj(rearrange(out, "b c k g h -> b c (k g h)")), (k, v)
+
+
+@struct.dataclass
+class LayerCache:
+    """One layer's view of the KV cache."""
+
+    k_bskh: jax.Array
+    v_bskh: jax.Array
+    valid_bs: jax.Array  # [B, S] bool: written positions that may be attended
+
+
+NEG_INF = -1e30
 
 
 class LlamaMLP(nnx.Module):
@@ -109,32 +143,44 @@ class DecoderLayer(nnx.Module):
                                                 param_dtype, rngs=rngs)
         self.mlp = LlamaMLP(cfg, dtype, param_dtype, rngs=rngs)
 
+    def block(self, x_btd, attend):
+        """Pre-norm residual block around `attend(normed x) -> (out, (k, v))`: the same
+        layer serves full sequences and cached decoding."""
+        attn_btd, kv = attend(self.input_layernorm(x_btd))
+        x_btd = x_btd + attn_btd
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
+
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts):
-        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, mask_b1ts)
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        """Returns (hidden [B, T, D], (k, v) [B, T, K, H])."""
+        return self.block(x_btd, lambda h: self.self_attn(h, cos_bth, sin_bth, mask_b1ts))
 
-    def grounded(self, head: GroundingHead, ground: "GroundingInputs", x_btd, cos_bth, sin_bth,
-                 mask_b1ts):
-        """The layer, then its grounding head on the layer's output.
 
-        Returns (hidden [B, T, D], logits [B, T]). The head only sees the N candidate text
-        positions of each row (N = T - image tokens: in LLaVA most of the sequence is image,
-        which is never scored), and its results are scattered back. A cross-attention head's
-        gated image summary joins the residual stream at scored positions only.
-        """
-        x_btd = self(x_btd, cos_bth, sin_bth, mask_b1ts)
-        image_bkd = (ground.projected_bkd if ground.projected_bkd is not None
-                     else gather_rows(x_btd, ground.image_positions_bk))
-        text_bnd = gather_rows(x_btd, ground.text_positions_bn)
-        logits_bn, update_bnd = head(text_bnd, image_bkd, ground.image_valid_bk)
-        rows = jnp.arange(x_btd.shape[0])[:, None]
-        cols = ground.text_positions_bn
-        valid = ground.text_valid_bn
-        if update_bnd is not None:
-            x_btd = x_btd.at[rows, cols].add(jnp.where(valid[..., None], update_bnd, 0))
-        logits_bt = jnp.zeros(x_btd.shape[:2], jnp.float32).at[rows, cols].set(
-            jnp.where(valid, logits_bn, 0.0))
-        return x_btd, logits_bt
+def apply_head(head: GroundingHead, ground: "GroundingInputs", x_btd, patches: bool = False):
+    """A grounding head on a grounded layer's output.
+
+    Returns (hidden [B, T, D], logits [B, T], image features [B, K, D] the head compared
+    against, and with `patches` the per-patch scores [B, T, K] (0 at unscored positions)). The head only sees the N candidate text positions of each row (N = T - image
+    tokens: in LLaVA most of the sequence is image, which is never scored), and its results
+    are scattered back. A cross-attention head's gated image summary joins the residual
+    stream at scored positions only.
+    """
+    image_bkd = (ground.projected_bkd if ground.projected_bkd is not None
+                 else gather_rows(x_btd, ground.image_positions_bk))
+    text_bnd = gather_rows(x_btd, ground.text_positions_bn)
+    logits_bn, update_bnd = head(text_bnd, image_bkd, ground.image_valid_bk)
+    rows = jnp.arange(x_btd.shape[0])[:, None]
+    cols = ground.text_positions_bn
+    valid = ground.text_valid_bn
+    if update_bnd is not None:
+        x_btd = x_btd.at[rows, cols].add(jnp.where(valid[..., None], update_bnd, 0))
+    logits_bt = jnp.zeros(x_btd.shape[:2], jnp.float32).at[rows, cols].set(
+        jnp.where(valid, logits_bn, 0.0))
+    if not patches:
+        return x_btd, logits_bt, image_bkd
+    patch_bnk = head.patch_scores(text_bnd, image_bkd, ground.image_valid_bk)
+    patch_btk = jnp.zeros(x_btd.shape[:2] + patch_bnk.shape[-1:], jnp.float32).at[rows, cols].set(
+        jnp.where(valid[..., None], patch_bnk, 0.0))
+    return x_btd, logits_bt, image_bkd, patch_btk
 
 
 @struct.dataclass
@@ -190,31 +236,132 @@ class LlamaModel(nnx.Module):
                 start = l
         return out
 
+    def _run(self, x, body, use_heads: bool):
+        """Runs every layer, one `lax.scan` per segment.
+
+        `body(layer, head, g, carry, l) -> (carry, (layer_out, head_out))` sees layer `l` and,
+        in grounded layers, its head (index `g` among the heads) or None. Returns the final
+        carry, the layer outputs stacked over all layers [L, ...], and the head outputs
+        stacked over grounded layers [G, ...] (None without heads).
+        """
+        heads = nnx.split(self.grounding_heads) if self.grounded_layers and use_heads else None
+        layer_outs, head_outs = [], []
+        for start, stop, head in self.segments():
+            if head is None or heads is None:
+                step = lambda layer, c, l: body(layer, None, None, c, l)
+            else:
+                head_def, head_state = heads
+
+                def step(layer, c, l, offset=head - start):  # layer l carries head l + offset
+                    g = l + offset
+                    h = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False),
+                                     head_state)
+                    return body(layer, nnx.merge(head_def, h), g, c, l)
+
+            x, (layer_out, head_out) = scan_layers(self.layers, x, step, start, stop,
+                                                   xs=jnp.arange(start, stop), remat=self.remat)
+            layer_outs.append(layer_out)
+            if head is not None and heads is not None:
+                head_outs.append(head_out)
+        return x, _concat(layer_outs), _concat(head_outs)
+
     def __call__(self, inputs_embeds_btd, attention_mask_bt, positions_bt,
-                 ground: GroundingInputs | None = None):
-        """Returns (final normed hidden states [B, T, D], head logits [G, B, T] or None)."""
+                 ground: GroundingInputs | None = None, return_kv: bool = False,
+                 return_patches: bool = False) -> "DecoderOutput":
+        """The decoder over full sequences (training, scoring, prefill). `return_kv` keeps
+        every layer's keys and values (prefill), `return_patches` the heads' per-patch scores
+        (heatmaps)."""
         cfg = self.config
         x_btd = inputs_embeds_btd.astype(self.compute_dtype)
         cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, x_btd.dtype)
         mask = attention_mask(attention_mask_bt)
-        plain = lambda layer, c, _: (layer(c, cos, sin, mask), None)
-        heads = nnx.split(self.grounding_heads) if self.grounded_layers else None
-        scores = []
-        for start, stop, head in self.segments():
-            if head is None or ground is None:
-                x_btd, _ = scan_layers(self.layers, x_btd, plain, start, stop,
-                                       remat=self.remat)
-                continue
-            head_def, head_state = heads
-            offset = head - start  # layer i carries head i + offset
+        keep = (lambda kv: kv) if return_kv else (lambda kv: None)
 
-            def grounded(layer, c, i):
-                h_state = jax.tree.map(
-                    lambda a: jax.lax.dynamic_index_in_dim(a, i + offset, keepdims=False),
-                    head_state)
-                return layer.grounded(nnx.merge(head_def, h_state), ground, c, cos, sin, mask)
+        def body(layer, head, g, x, l):
+            x, kv = layer(x, cos, sin, mask)
+            if head is None:
+                return x, (keep(kv), None)
+            x, logits_bt, image_bkd, *patch = apply_head(head, ground, x, return_patches)
+            return x, (keep(kv), (logits_bt, image_bkd if return_kv else None,
+                                  patch[0] if patch else None))
 
-            x_btd, logits_gbt = scan_layers(self.layers, x_btd, grounded, start, stop,
-                                            xs=jnp.arange(start, stop), remat=self.remat)
-            scores.append(logits_gbt)
-        return self.norm(x_btd), (jnp.concatenate(scores) if scores else None)
+        x_btd, kv, head_out = self._run(x_btd, body, use_heads=ground is not None)
+        scores, image, patches = head_out if head_out is not None else (None, None, None)
+        return DecoderOutput(hidden=self.norm(x_btd), scores_gbt=scores, kv=kv,
+                             image_gbkd=image, patches_gbtk=patches)
+
+    def decode(self, x_bcd, positions_b, cache: "KVCache", ground: "DecodeGrounding | None"):
+        """C candidate next tokens per row [B, C, D] (embedded) at positions [B] against the
+        cache. Returns (hidden [B, C, D], head logits [G, B, C] or None, (k, v) [L, B, C, K, H])."""
+        cfg = self.config
+        x_bcd = x_bcd.astype(self.compute_dtype)
+        positions_bc = jnp.broadcast_to(positions_b[:, None], x_bcd.shape[:2])
+        cos, sin = rope_cos_sin(positions_bc, cfg.head_dim, cfg.rope_theta, x_bcd.dtype)
+        layer_kv = lambda a, l: jax.lax.dynamic_index_in_dim(a, l, keepdims=False)
+
+        def body(layer, head, g, x, l):
+            view = LayerCache(layer_kv(cache.k, l), layer_kv(cache.v, l), cache.valid_bs)
+            x, kv = layer.block(x, lambda h: layer.self_attn.decode(h, cos, sin, view))
+            if head is None:
+                return x, (kv, None)
+            image_bkd = (ground.image_gbkd[0] if ground.image_gbkd.shape[0] == 1
+                         else layer_kv(ground.image_gbkd, g))
+            logits_bc, update_bcd = head(x, image_bkd, ground.image_valid_bk)
+            scored_b1 = ground.scored_b[:, None]
+            if update_bcd is not None:
+                x = x + jnp.where(scored_b1[..., None], update_bcd, 0)
+            return x, (kv, jnp.where(scored_b1, logits_bc, 0.0))
+
+        x_bcd, kv, scores_gbc = self._run(x_bcd, body, use_heads=ground is not None)
+        return self.norm(x_bcd), scores_gbc, kv
+
+
+def _concat(parts: list):
+    """Concatenates per-segment scan outputs along their leading (layer) axis."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+
+@struct.dataclass
+class DecoderOutput:
+    hidden: jax.Array                   # [B, T, D] after the final norm
+    scores_gbt: jax.Array | None        # [G, B, T] head logits, or None without heads
+    kv: tuple | None = None             # (k, v) [L, B, T, K, H] when asked for
+    image_gbkd: jax.Array | None = None  # [G, B, K, D] what each head compared against
+    patches_gbtk: jax.Array | None = None  # [G, B, T, K] per-patch scores behind each score
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for S positions (prompt + new tokens)."""
+
+    k: jax.Array          # [L, B, S, K, H]
+    v: jax.Array          # [L, B, S, K, H]
+    valid_bs: jax.Array   # [B, S] bool: written, non-padding positions
+
+    @classmethod
+    def from_prefill(cls, kv, attention_mask_bt, length: int) -> "KVCache":
+        k, v = kv
+        pad = [(0, 0), (0, 0), (0, length - k.shape[2]), (0, 0), (0, 0)]
+        valid = jnp.pad(attention_mask_bt.astype(bool), [(0, 0), (0, length - k.shape[2])])
+        return cls(jnp.pad(k, pad), jnp.pad(v, pad), valid)
+
+    def write(self, t, k_lbkh, v_lbkh) -> "KVCache":
+        """Stores one token per row at position t (left padding aligns rows' new tokens)."""
+        at = (0, 0, t, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k_lbkh[:, :, None], at),
+                       jax.lax.dynamic_update_slice(self.v, v_lbkh[:, :, None], at),
+                       jax.lax.dynamic_update_slice(self.valid_bs,
+                                                    jnp.ones((self.valid_bs.shape[0], 1), bool),
+                                                    (0, t)))
+
+
+@struct.dataclass
+class DecodeGrounding:
+    """What the heads need at decode time, fixed after prefill."""
+
+    image_gbkd: jax.Array     # [G or 1, B, K, D] image features per head (1: shared)
+    image_valid_bk: jax.Array  # [B, K] bool
+    scored_b: jax.Array        # [B] bool: rows with an image (their new tokens get a score)

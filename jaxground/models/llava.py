@@ -13,8 +13,8 @@ from flax import nnx, struct
 from jaxground.models.clip import ClipVisionModel
 from jaxground.models.config import LlavaConfig, dtype_of
 from jaxground.models.grounding import aggregate, gather_rows, grounding_mask, image_slots
-from jaxground.models.llama import (GroundingInputs, LlamaModel, make_grounding_heads,
-                                    positions_from_mask)
+from jaxground.models.llama import (DecodeGrounding, GroundingInputs, KVCache, LlamaModel,
+                                    make_grounding_heads, positions_from_mask)
 
 
 @struct.dataclass
@@ -24,6 +24,8 @@ class LlavaOutput:
     grounding_scores: dict[int, jax.Array] = struct.field(default_factory=dict)  # {l: [B, T]}
     grounding_mask: jax.Array | None = None  # [B, T] bool
     grounding: jax.Array | None = None       # [B, T]
+    grounding_patches: jax.Array | None = None  # [B, T, K] per-patch scores, mean over
+                                                # grounded layers (only when asked for)
 
 
 class Projector(nnx.Module):
@@ -114,13 +116,29 @@ class LlavaModel(nnx.Module):
         return self.forward(input_ids, pixel_values, attention_mask, position_ids)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None,
-                position_ids=None) -> LlavaOutput:
-        """Traceable forward; `__call__` routes eager calls here through `nnx.jit`."""
-        cfg = self.config
+                position_ids=None, patches: bool = False) -> LlavaOutput:
+        """Traceable forward; `__call__` routes eager calls here through `nnx.jit`.
+        `patches` adds `grounding_patches` (heatmaps)."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
+        embeds_btd, image_mask_bt, ground = self.embed(input_ids, pixel_values, attention_mask)
+        dec = self.language_model(embeds_btd, attention_mask, position_ids, ground,
+                                  return_patches=patches)
+        out = LlavaOutput(logits=self.logits(dec.hidden), image_mask=image_mask_bt)
+        if dec.scores_gbt is None:
+            return out
+        return out.replace(grounding_scores=self.per_layer(dec.scores_gbt),
+                           grounding_mask=ground.text_mask_bt,
+                           grounding=aggregate(dec.scores_gbt, self.config.grounding.aggregate),
+                           grounding_patches=(None if dec.patches_gbtk is None
+                                              else jnp.mean(dec.patches_gbtk, axis=0)))
+
+    def embed(self, input_ids, pixel_values, attention_mask):
+        """Token embeddings with the projected image features merged in [B, T, D], the image
+        mask [B, T], and the grounding inputs (None without images or heads)."""
+        cfg = self.config
         image_mask_bt = input_ids == cfg.image_token_id
         # Image-token ids may lie outside the vocabulary; they are overwritten below anyway.
         safe_ids = jnp.where(image_mask_bt, 0, input_ids)
@@ -131,15 +149,37 @@ class LlavaModel(nnx.Module):
                                               self.image_features(pixel_values))
             if cfg.grounded_layers:
                 ground = self.grounding_inputs(embeds_btd, image_mask_bt, attention_mask)
-        hidden_btd, scores_gbt = self.language_model(embeds_btd, attention_mask, position_ids,
-                                                     ground)
-        out = LlavaOutput(logits=self.logits(hidden_btd), image_mask=image_mask_bt)
-        if scores_gbt is None:
-            return out
-        return out.replace(
-            grounding_scores={l: scores_gbt[i] for i, l in enumerate(cfg.grounded_layers)},
-            grounding_mask=ground.text_mask_bt,
-            grounding=aggregate(scores_gbt, cfg.grounding.aggregate))
+        return embeds_btd, image_mask_bt, ground
+
+    def per_layer(self, scores_g) -> dict[int, jax.Array]:
+        return {l: scores_g[i] for i, l in enumerate(self.config.grounded_layers)}
+
+    # ---- cached decoding (used by jaxground.inference) ----------------------------------
+    def prefill(self, input_ids, pixel_values, attention_mask, cache_length: int):
+        """Runs the prompt [B, T] (left padded) once. Returns the next-token logits [B, V],
+        a KV cache of `cache_length` positions holding the prompt, and what the heads need
+        to score new tokens (None without images or heads)."""
+        positions = positions_from_mask(attention_mask)
+        embeds_btd, _, ground = self.embed(input_ids, pixel_values, attention_mask)
+        dec = self.language_model(embeds_btd, attention_mask, positions, ground, return_kv=True)
+        cache = KVCache.from_prefill(dec.kv, attention_mask, cache_length)
+        decode_ground = None
+        if ground is not None:
+            image = (ground.projected_bkd[None] if ground.projected_bkd is not None
+                     else dec.image_gbkd)
+            decode_ground = DecodeGrounding(image_gbkd=image,
+                                            image_valid_bk=ground.image_valid_bk,
+                                            scored_b=ground.image_valid_bk.any(-1))
+        return self.logits(dec.hidden[:, -1]), cache, decode_ground
+
+    def decode_step(self, tokens_bc, positions_b, cache: KVCache,
+                    ground: DecodeGrounding | None):
+        """Candidate next tokens [B, C] at positions [B]. Returns (logits [B, C, V], head
+        logits [G, B, C] or None, (k, v) [L, B, C, K, H] to write for the chosen one)."""
+        embeds_bcd = self.language_model.embed_tokens(tokens_bc)
+        hidden, scores_gbc, kv = self.language_model.decode(embeds_bcd, positions_b, cache,
+                                                            ground)
+        return self.logits(hidden), scores_gbc, kv
 
     def grounding_inputs(self, embeds_btd, image_mask_bt, attention_mask_bt) -> GroundingInputs:
         """Each row's image patches (its first `image_seq_length` image tokens; one image per

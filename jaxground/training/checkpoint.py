@@ -81,6 +81,19 @@ def is_workdir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
 
 
+def _read_only(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, item_names=("state", "data"),
+                                 item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                "data": grain.checkpoint.CheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint's step in a training workdir (None: none yet)."""
+    with _read_only(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))) as mgr:
+        return mgr.latest_step()
+
+
 def load_trained(workdir: str, config: LlavaConfig, step: int | None = None,
                  base_params: dict | None = None) -> LlavaModel:
     """The model of a training checkpoint (latest step, or `step`).
@@ -89,10 +102,7 @@ def load_trained(workdir: str, config: LlavaConfig, step: int | None = None,
     ones when `train.save_frozen` was off).
     """
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    with ocp.CheckpointManager(directory, item_names=("state", "data"),
-                               item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                              "data": grain.checkpoint.CheckpointHandler()},
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+    with _read_only(directory) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None or step not in mgr.all_steps():
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "

@@ -50,6 +50,21 @@ def default_config() -> ml_collections.ConfigDict:
         stop_at=0,             # save and exit cleanly at this global step (0: off), e.g.
                                # to fit a job's time slice; rerun to continue
         debug_nan_steps=""))   # fault injection: comma-separated steps given a NaN batch
+    c.eval = ml_collections.ConfigDict(dict(
+        batch_size=8,
+        max_new_tokens=48,     # captions (chair, grounding)
+        answer_tokens=8,       # short answers (pope, mme)
+        temperature=0.0, top_p=1.0, seed=0,
+        guided=False,          # grounding-guided decoding of captions
+        guidance=1.0,          # its alpha: argmax log p + alpha * grounding logit
+        guidance_top_k=5,
+        guidance_score="logit",  # "logit" | "log_sigmoid"
+        guidance_objects_only=True,  # the bonus only for object-word tokens
+        flag_threshold=0.0,    # object mentions with a lower mean grounding logit are flagged
+        caption_prompt="",     # "" = the training caption prompt
+        limit=0,               # evaluate the first N images / questions only (0: all)
+        split="",              # COCO annotation split, when a folder holds several
+        heatmaps=4))           # samples given heatmap pages (grounding task)
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
                                                    process_id=0))
@@ -133,3 +148,17 @@ def validate(cfg) -> None:
         _check(cfg.model[name] in ("float32", "bfloat16", "float16"), f"model.{name}",
                f"{cfg.model[name]!r} is not float32, bfloat16 or float16")
     grounding_config(cfg)
+    if "eval" in cfg:
+        validate_eval(cfg.eval)
+
+
+def validate_eval(e) -> None:
+    _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size} must be >= 1")
+    _check(e.max_new_tokens >= 1 and e.answer_tokens >= 1, "eval.max_new_tokens",
+           "max_new_tokens and answer_tokens must be >= 1")
+    _check(e.temperature >= 0, "eval.temperature", f"{e.temperature} must be >= 0")
+    _check(0 < e.top_p <= 1, "eval.top_p", f"{e.top_p} must lie in (0, 1]")
+    _check(e.guidance_top_k >= 1, "eval.guidance_top_k", "must be >= 1")
+    _check(e.guidance_score in ("logit", "log_sigmoid"), "eval.guidance_score",
+           f"{e.guidance_score!r} is not 'logit' or 'log_sigmoid'")
+    _check(e.limit >= 0 and e.heatmaps >= 0, "eval.limit", "limit and heatmaps must be >= 0")

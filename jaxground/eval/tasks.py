@@ -1,0 +1,165 @@
+"""The evaluation tasks: which prompts each one asks, and how its answers are scored.
+
+Every task turns its data into `Prompt`s (question + image + key) and a record per key;
+generation results are merged into those records, giving the per-sample outputs that
+`python -m jaxground.evaluate` writes to samples.jsonl, and `score_<task>(samples, ...)`
+computes the metrics from those alone, so a run can be re-scored without the model.
+
+A sample holds the record's fields plus "text" (the decoded answer / caption) and, per
+generated token: "token_ids", "grounding", "logprobs", "entropy", "scored", "flagged";
+or "error" when its image could not be read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+from jaxground.data.coco import STRATEGIES, load_coco, question_records
+from jaxground.data.objects import ObjectVocabulary, vocabulary_for
+from jaxground.data.pipeline import PipelineConfig
+from jaxground.eval import chair, grounding_auroc, mme, pope
+from jaxground.inference.batching import Prompt
+
+TASKS = ("pope", "chair", "mme", "grounding")
+
+
+@dataclasses.dataclass
+class TaskData:
+    prompts: list[Prompt]
+    records: dict                 # key -> record (what samples.jsonl keeps besides outputs)
+    short_answers: bool           # yes/no questions (answer_tokens) vs captions
+
+
+def _limit(items: list, limit: int) -> list:
+    return items[:limit] if limit else items
+
+
+# ---- reading data ------------------------------------------------------------------------
+def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: int = 0,
+              split: str | None = None) -> TaskData:
+    """POPE questions from official/jaxground JSONL files (a file, a comma-separated list or
+    a folder of them; images under `image_root`, default the file's folder), or built from a
+    COCO-format folder (random / popular / adversarial, seeded)."""
+    if os.path.isdir(path) and os.path.isdir(os.path.join(path, "annotations")):
+        index = load_coco(path, split)
+        questions = list(question_records(index, vocabulary_for(index.categories), STRATEGIES,
+                                          random.Random(seed)))
+        root = path
+    else:
+        files = _files(path, (".json", ".jsonl"))
+        questions = [q for f in files for q in pope.read_pope_questions(f)]
+        root = image_root or os.path.dirname(files[0])
+    questions = _limit(questions, limit)
+    records, prompts = {}, []
+    for q in questions:
+        key = str(q["question_id"])
+        if key in records:
+            raise ValueError(f"question_id {key!r} appears twice in {path}")
+        records[key] = {"question_id": q["question_id"], "question": q["text"],
+                        "image": q["image"], "label": q["label"],
+                        "split": pope.question_split(q), "object": q.get("object")}
+        prompts.append(Prompt(pope.prompt(q["text"]), os.path.join(root, q["image"]), key))
+    return TaskData(prompts, records, short_answers=True)
+
+
+def caption_prompt(cfg) -> str:
+    """The config's caption prompt: eval.caption_prompt, else the one training used."""
+    return cfg.eval.caption_prompt or PipelineConfig.caption_prompt
+
+
+def caption_data(coco_dir: str, caption_prompt: str, limit: int = 0,
+                 split: str | None = None) -> TaskData:
+    """One caption request per image of a COCO-format folder (CHAIR, grounding)."""
+    index = load_coco(coco_dir, split)
+    image_ids = _limit(sorted(index.images), limit)
+    records = {str(i): {"image_id": i, "image": index.image_path(i)} for i in image_ids}
+    prompts = [Prompt(caption_prompt, os.path.join(coco_dir, index.image_path(i)), str(i))
+               for i in image_ids]
+    return TaskData(prompts, records, short_answers=False)
+
+
+def mme_data(root: str, limit: int = 0) -> TaskData:
+    questions = _limit(mme.read_mme(root), limit)
+    records = {q["question_id"]: {k: q[k] for k in ("question_id", "subtask", "image_file",
+                                                    "question", "answer")}
+               for q in questions}
+    prompts = [Prompt(mme.prompt(q["question"]), q["image"], q["question_id"])
+               for q in questions]
+    return TaskData(prompts, records, short_answers=True)
+
+
+def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(suffixes))
+    else:
+        files = [p for p in path.split(",") if p]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or missing:
+        raise FileNotFoundError(f"no question files at {path}" if not files
+                                else f"question file(s) not found: {missing}")
+    return files
+
+
+# ---- scoring ---------------------------------------------------------------------------
+def _answers(samples: list[dict]) -> list[dict]:
+    """Answers of the samples that have one (failed images count as missing)."""
+    return [{"question_id": s["question_id"], "text": s["text"]} for s in samples
+            if "error" not in s]
+
+
+def score_pope(samples: list[dict]) -> dict:
+    questions = [{**s, "category": s["split"]} for s in samples]
+    return pope.score_splits(questions, _answers(samples))
+
+
+def score_mme(samples: list[dict]) -> dict:
+    return mme.score(samples, _answers(samples))
+
+
+def score_chair(samples: list[dict], coco_dir: str, split: str | None = None) -> dict:
+    captions = [{"image_id": s["image_id"], "caption": s["text"]} for s in samples
+                if "error" not in s]
+    result = chair.score_from_index(captions, load_coco(coco_dir, split))
+    result["failed_images"] = [s["image_id"] for s in samples if "error" in s]
+    return result
+
+
+def mention_samples(samples: list[dict], tokenizer, vocab: ObjectVocabulary, truth) -> list:
+    """Object mentions of each generated caption, labelled real / hallucinated against
+    `truth(sample) -> set of categories`, with the per-token signals averaged over each
+    mention: [{"key", "signals", "mentions"}]."""
+    out = []
+    for s in samples:
+        if "error" in s or "grounding" not in s:
+            continue
+        text, spans = grounding_auroc.token_spans(tokenizer, s["token_ids"])
+        signals = {k: s[k] for k in ("grounding", "logprobs", "entropy")}
+        signals["logprob"] = signals.pop("logprobs")
+        mentions = grounding_auroc.mention_records(text, spans, vocab, truth(s), signals)
+        out.append({"key": s.get("image_id", s.get("key")), "signals": signals,
+                    "mentions": mentions})
+    return out
+
+
+def flagging(mention_sets: list[dict], threshold: float) -> dict:
+    """How well `grounding < threshold` flags hallucinated mentions (precision, recall)."""
+    mentions = [m for s in mention_sets for m in s["mentions"]]
+    flagged = [m for m in mentions if m["grounding"] < threshold]
+    hallucinated = [m for m in mentions if m["hallucinated"]]
+    hits = sum(m["hallucinated"] for m in flagged)
+    ratio = lambda a, b: a / b if b else float("nan")
+    return {"threshold": threshold, "flagged": len(flagged), "hallucinated": len(hallucinated),
+            "precision": ratio(hits, len(flagged)), "recall": ratio(hits, len(hallucinated))}
+
+
+def score_grounding(samples: list[dict], tokenizer, coco_dir: str, split: str | None = None,
+                    flag_threshold: float = 0.0) -> dict:
+    """Token / mention AUROC and AUPR of the grounding score against NLL and entropy, on
+    the object mentions of generated captions labelled by CHAIR's ground truth."""
+    index = load_coco(coco_dir, split)
+    vocab = vocabulary_for(index.categories)
+    truth = lambda s: chair.ground_truth(index, vocab, s["image_id"])[1]
+    sets = mention_samples(samples, tokenizer, vocab, truth)
+    return {**grounding_auroc.metrics(sets), "flagging": flagging(sets, flag_threshold)}

@@ -1,0 +1,249 @@
+"""Evaluate a checkpoint for hallucination.
+
+  python -m jaxground.evaluate --workdir DIR --task pope|chair|mme|grounding --data PATH \
+      [--config configs/X.py] [--step N] [--images DIR] [--out DIR] \
+      [--config.eval.guided=True --config.eval.batch_size=16 ...]
+
+DIR is a training workdir (its latest checkpoint, or --step) or a converted checkpoint dir.
+The config defaults to the one the workdir was trained with (else `default_config()`); its
+`eval` section says how to decode, its `mesh` how to shard the model.
+--data: pope - official POPE .json(l) files (comma-separated or a folder; images under
+--images) or a COCO-format folder (questions built from it); chair / grounding - a
+COCO-format folder (a caption is generated per image); mme - the MME benchmark folder.
+
+Writes OUT (default DIR/eval/<task>, DIR/eval/<task>-guided with eval.guided) with
+samples.jsonl (per-sample outputs), results.json and report.md; grounding also writes
+heatmaps/<image>/index.html. --rescore recomputes results from samples.jsonl alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from jaxground import store
+from jaxground.data.objects import token_ids, vocabulary_for
+from jaxground.data.processor import Processor, clip_image_processor, load_tokenizer
+from jaxground.eval import report, tasks
+from jaxground.inference.batching import DecodeSettings, generate_all
+from jaxground.training import sharding
+from jaxground.training.checkpoint import TRAIN_CONFIG_FILE, is_workdir, latest_step
+from jaxground.training.config import default_config, validate_eval
+
+log = logging.getLogger("jaxground.evaluate")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the one the "
+                                          "workdir was trained with).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or converted checkpoint.")
+_TASK = flags.DEFINE_enum("task", None, list(tasks.TASKS), "What to evaluate.")
+_DATA = flags.DEFINE_string("data", None, "Benchmark data (see the module docstring).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_IMAGES = flags.DEFINE_string("images", None, "Image folder for POPE question files.")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval/<task>).")
+_RESCORE = flags.DEFINE_bool("rescore", False, "Re-score OUT/samples.jsonl; no model.")
+
+SAMPLES_FILE, RESULTS_FILE, REPORT_FILE = "samples.jsonl", "results.json", "report.md"
+
+
+# ---- config, model, processor --------------------------------------------------------------
+def resolve_config(workdir: str, given) -> ml_collections.ConfigDict:
+    """The given config, else the workdir's training config, else the defaults; the eval
+    section always present (configs written before it existed get the defaults)."""
+    cfg = default_config()
+    saved = os.path.join(workdir, TRAIN_CONFIG_FILE)
+    if given is not None:
+        cfg = given
+    elif os.path.exists(saved):
+        with open(saved) as f:
+            cfg = ml_collections.ConfigDict(json.load(f))
+    if "eval" not in cfg:
+        cfg.unlock()
+        cfg.eval = default_config().eval
+    validate_eval(cfg.eval)
+    return cfg
+
+
+def load_model(workdir: str, cfg, step: int | None):
+    """The model placed on the config's mesh (parameters sharded by the logical-axis
+    table; activations follow the parameters)."""
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    model = store.load(workdir, step=step)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, jax.device_put(params,
+                                                   sharding.tree_shardings(params, mesh)))
+    return nnx.merge(graphdef, state), mesh
+
+
+def load_eval_processor(workdir: str, cfg, config) -> Processor:
+    source = workdir
+    if not any(os.path.exists(os.path.join(workdir, n))
+               for n in ("tokenizer.json", "tokenizer_config.json")):
+        source = cfg.model.get("init_from") or workdir  # fine-tunes keep the base's tokenizer
+    tokenizer = load_tokenizer(source)
+    return Processor(tokenizer, clip_image_processor(config.vision.image_size, source),
+                     config.image_seq_length, config.image_token_id, cfg.data.template,
+                     cfg.data.pad_to_square, max_length=1 << 20)
+
+
+def decode_settings(e, short: bool) -> DecodeSettings:
+    return DecodeSettings(max_new_tokens=e.answer_tokens if short else e.max_new_tokens,
+                          temperature=e.temperature, top_p=e.top_p, seed=e.seed,
+                          guidance=e.guidance if e.guided and not short else None,
+                          guidance_top_k=e.guidance_top_k, guidance_score=e.guidance_score,
+                          flag_threshold=e.flag_threshold)
+
+
+def task_data(task: str, data: str, cfg, images: str | None) -> tasks.TaskData:
+    e = cfg.eval
+    split = e.split or None
+    if task == "pope":
+        return tasks.pope_data(data, images, e.limit, e.seed, split)
+    if task == "mme":
+        return tasks.mme_data(data, e.limit)
+    return tasks.caption_data(data, tasks.caption_prompt(cfg), e.limit, split)
+
+
+# ---- running ------------------------------------------------------------------------------
+def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_path: str
+                ) -> tuple[list[dict], dict]:
+    """Generates every prompt in batches with a progress bar; returns (samples, stats)."""
+    from tqdm import tqdm
+
+    e = cfg.eval
+    settings = decode_settings(e, data.short_answers)
+    objects = None
+    if not data.short_answers:
+        from jaxground.data.coco import load_coco
+
+        vocab = vocabulary_for(load_coco(data_path, e.split or None).categories)
+        objects = token_ids(processor.tokenizer, vocab)
+    guidance_tokens = objects if settings.guidance is not None and e.guidance_objects_only \
+        else None
+    samples, new_tokens = [], 0
+    t0 = time.perf_counter()
+    with tqdm(total=len(data.prompts), desc="evaluate", dynamic_ncols=True,
+              disable=not sys.stderr.isatty() and "JAXGROUND_PROGRESS" not in os.environ) as bar:
+        for result in generate_all(model, processor, data.prompts, settings, e.batch_size,
+                                   guidance_tokens=guidance_tokens, flag_tokens=objects,
+                                   progress=bar.update):
+            key = result.pop("key")
+            sample = {**data.records[key], **result}
+            if "error" not in result:
+                sample["text"] = processor.tokenizer.decode(
+                    result["token_ids"], skip_special_tokens=True).strip()
+                new_tokens += len(result["token_ids"])
+            samples.append(sample)
+    seconds = time.perf_counter() - t0
+    return samples, {"seconds": seconds, "new_tokens": new_tokens,
+                     "tokens_per_s": new_tokens / seconds if seconds else float("nan"),
+                     "decode": settings.__dict__}
+
+
+def score_samples(task: str, samples: list[dict], data: str, cfg, tokenizer) -> dict:
+    e = cfg.eval
+    if task == "pope":
+        return tasks.score_pope(samples)
+    if task == "mme":
+        return tasks.score_mme(samples)
+    if task == "chair":
+        return tasks.score_chair(samples, data, e.split or None)
+    return tasks.score_grounding(samples, tokenizer, data, e.split or None, e.flag_threshold)
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)  # a crash never leaves a half-written file behind
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run the evaluation once without --rescore")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = None,
+             images: str | None = None, out: str | None = None, rescore: bool = False) -> dict:
+    """Runs (or, with `rescore`, re-scores) one task; returns the results written to
+    OUT/results.json."""
+    if task not in tasks.TASKS:
+        raise ValueError(f"task {task!r} is not one of {list(tasks.TASKS)}")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir {workdir} does not exist")
+    if not os.path.exists(data):
+        raise FileNotFoundError(f"--data {data} does not exist")
+    cfg = resolve_config(workdir, cfg)
+    guided = cfg.eval.guided and task in ("chair", "grounding")
+    out = out or os.path.join(workdir, "eval", task + ("-guided" if guided else ""))
+    os.makedirs(out, exist_ok=True)
+    config = store.read_config(workdir)
+    processor = load_eval_processor(workdir, cfg, config)
+    samples_path = os.path.join(out, SAMPLES_FILE)
+    if rescore:
+        samples, stats = read_jsonl(samples_path), {}
+    else:
+        model, mesh = load_model(workdir, cfg, step)
+        with jax.set_mesh(mesh):
+            samples, stats = run_samples(model, processor,
+                                         task_data(task, data, cfg, images), cfg, data)
+        write_jsonl(samples, samples_path)
+    metrics = score_samples(task, samples, data, cfg, processor.tokenizer)
+    results = {"task": task, "checkpoint": os.path.abspath(workdir),
+               "step": step if step is not None else _latest_step(workdir),
+               "data": os.path.abspath(data), "samples": len(samples),
+               "failed": sum("error" in s for s in samples), **stats, "metrics": metrics}
+    if task == "grounding" and not rescore and cfg.eval.heatmaps:
+        results["heatmaps"] = report.heatmap_pages(model, processor, samples, data, cfg, out)
+    with open(os.path.join(out, RESULTS_FILE), "w") as f:
+        json.dump(_finite(results), f, indent=1)
+    with open(os.path.join(out, REPORT_FILE), "w") as f:
+        f.write(report.task_markdown(results))
+    return results
+
+
+def _latest_step(workdir: str) -> int | None:
+    return latest_step(workdir) if is_workdir(workdir) else None
+
+
+def _finite(x):
+    """NaN -> None, numpy scalars -> Python: strict JSON."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    if not _WORKDIR.value or not _TASK.value or not _DATA.value:
+        raise app.UsageError("--workdir, --task and --data are required")
+    results = evaluate(_WORKDIR.value, _TASK.value, _DATA.value, _CONFIG.value, _STEP.value,
+                       _IMAGES.value, _OUT.value, _RESCORE.value)
+    print(report.task_summary(results))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,227 @@
+"""Generation with a KV cache and a grounding score for every generated token.
+
+    gen = jaxground.generate(model, input_ids, pixel_values, attention_mask=mask,
+                             max_new_tokens=32, eos_token_id=2)
+    gen.tokens, gen.grounding        # [B, N], [B, N]
+
+One compiled program: prefill (image encoded once, prompt K/V written into a cache of
+T + N positions), then a `lax.while_loop` that feeds one token per row per step and stops
+when every row has produced EOS. Rows are left padded, so every row's step-i token lands at
+cache position T + i. A token's grounding score is computed in the grounded layers when the
+token is fed back in, i.e. from exactly the hidden states a teacher-forced forward would give
+it.
+
+Grounding-guided decoding (`guidance=alpha`): at each step the top-k candidates are fed
+together (each attends to the cache and to itself; see `LlamaAttention.decode`), which gives
+every candidate its grounding logit g and its own next-token logits at once, and the step
+picks argmax(log p + alpha * g). The chosen candidate's K/V and logits are kept, so a guided
+step costs one decode pass of width k instead of 1, and alpha = 0 picks the greedy token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from jaxground.models.grounding import aggregate
+from jaxground.models.llava import LlavaModel, check_image_tokens
+
+
+@struct.dataclass
+class Generation:
+    tokens: jax.Array            # [B, N] int32; `pad_token_id` after a row's EOS
+    valid: jax.Array             # [B, N] bool: generated tokens (up to and including EOS)
+    lengths: jax.Array           # [B] number of valid tokens
+    logprobs: jax.Array          # [B, N] log p of each token under the model (no guidance)
+    entropy: jax.Array           # [B, N] entropy of the distribution it was chosen from
+    grounding: jax.Array | None  # [B, N] aggregated head logit of each token (None: no heads
+                                 # or no image); 0 where not valid or the row has no image
+    grounding_scores: dict = struct.field(default_factory=dict)  # {layer: [B, N]}
+    scored: jax.Array | None = None   # [B, N] bool: valid tokens that carry a score
+    flagged: jax.Array | None = None  # [B, N] bool: scored tokens below `flag_threshold`
+                                      # (only `flag_tokens` when given)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The static part of a generate call (one compilation per distinct plan)."""
+
+    max_new_tokens: int
+    sample: bool
+    guided: bool
+    top_k: int
+    guidance_score: str
+    eos: tuple[int, ...]
+    pad: int
+
+
+def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=None, *,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             seed: int = 0, guidance: float | None = None, guidance_top_k: int = 5,
+             guidance_score: str = "logit", guidance_tokens=None,
+             flag_threshold: float | None = None, flag_tokens=None) -> Generation:
+    """Generates up to `max_new_tokens` per row after left-padded prompts [B, T].
+
+    temperature 0 is greedy; otherwise samples from softmax(logits / temperature) restricted
+    to the top-p nucleus, with `jax.random` keyed by `seed` and the step.
+    guidance: alpha of grounding-guided decoding (None: off). Among the `guidance_top_k`
+    most likely tokens, picks argmax log p + alpha * b, b the candidate's grounding logit
+    (`guidance_score="logit"`) or log sigmoid of it ("log_sigmoid": only penalises poorly
+    grounded tokens). With temperature > 0 it samples the candidates by
+    softmax((log p + alpha * b) / temperature) instead. `guidance_tokens` (ids or a [V] bool
+    mask) limits the bonus to those tokens, e.g. object words; others get b = 0.
+    flag_threshold: scored tokens whose grounding logit is below it are flagged (only
+    `flag_tokens`, ids or a [V] bool mask, when given).
+    """
+    cfg = model.config
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    check_image_tokens(input_ids, pixel_values, cfg)
+    mask = (np.ones_like(input_ids) if attention_mask is None
+            else np.asarray(attention_mask)).astype(np.int32)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids {input_ids.shape}")
+    if mask[:, -1].min() == 0:
+        raise ValueError("prompts must be left padded: a row's last position is padding")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
+                         f"{top_p}")
+    if guidance_score not in ("logit", "log_sigmoid"):
+        raise ValueError(f"guidance_score must be 'logit' or 'log_sigmoid', got "
+                         f"{guidance_score!r}")
+    vocab = cfg.text.vocab_size
+    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    guided = guidance is not None
+    if guided and not 1 <= guidance_top_k <= vocab:
+        raise ValueError(f"guidance_top_k must be in [1, {vocab}], got {guidance_top_k}")
+    plan = _Plan(max_new_tokens=max_new_tokens, sample=temperature > 0, guided=guided,
+                 top_k=guidance_top_k if guided else 1, guidance_score=guidance_score,
+                 eos=eos, pad=int(pad))
+    knobs = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
+                 alpha=jnp.float32(guidance or 0.0),
+                 bonus_tokens=token_mask(guidance_tokens, vocab),
+                 key=jax.random.key(seed))
+    out = _generate(model, jnp.asarray(input_ids), None if pixel_values is None
+                    else jnp.asarray(pixel_values), jnp.asarray(mask), knobs, plan)
+    if out.grounding is None or flag_threshold is None:
+        return out
+    flagged = out.scored & (out.grounding < flag_threshold)
+    if flag_tokens is not None:
+        flagged &= token_mask(flag_tokens, vocab)[out.tokens]
+    return out.replace(flagged=flagged)
+
+
+def token_mask(tokens, vocab: int) -> jax.Array:
+    """[V] bool from token ids or a [V] bool mask; None means every token."""
+    if tokens is None:
+        return jnp.ones((vocab,), bool)
+    tokens = np.asarray(tokens)
+    if tokens.dtype == bool:
+        if tokens.shape != (vocab,):
+            raise ValueError(f"a token mask must have shape ({vocab},), got {tokens.shape}")
+        return jnp.asarray(tokens)
+    if tokens.size and tokens.dtype.kind not in "iu":
+        raise ValueError(f"token ids must be integers, got dtype {tokens.dtype}")
+    tokens = tokens.astype(np.int64)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise ValueError(f"token ids must be in [0, {vocab}), got {tokens.tolist()}")
+    return jnp.zeros((vocab,), bool).at[tokens.reshape(-1)].set(True)
+
+
+def nucleus_sample(key, scores_bc, temperature, top_p):
+    """Index [B] sampled from softmax(scores / temperature) within the top-p nucleus (the
+    smallest set of most likely entries whose mass reaches top_p; never empty)."""
+    logits = scores_bc / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    outside = jnp.cumsum(probs, axis=-1) - probs >= top_p  # mass before it already >= top_p
+    choice = jax.random.categorical(key, jnp.where(outside, -jnp.inf, sorted_logits), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def _propose(logp_bv, knobs, plan: _Plan, key):
+    """Candidate tokens [B, C] and their log p: the top-k when guided, else the one pick."""
+    if plan.guided:
+        return jax.lax.top_k(logp_bv, plan.top_k)
+    token_b = (nucleus_sample(key, logp_bv, knobs["temperature"], knobs["top_p"])
+               if plan.sample else jnp.argmax(logp_bv, axis=-1))
+    token_b1 = token_b[:, None].astype(jnp.int32)
+    return jnp.take_along_axis(logp_bv, token_b1, axis=-1), token_b1
+
+
+def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, key):
+    """Index [B] of the candidate to keep."""
+    if not plan.guided:
+        return jnp.zeros(cand_bc.shape[0], jnp.int32)
+    bonus = (grounding_bc if plan.guidance_score == "logit"
+             else jax.nn.log_sigmoid(grounding_bc))
+    bonus = jnp.where(knobs["bonus_tokens"][cand_bc], bonus, 0.0)
+    total = cand_logp_bc + knobs["alpha"] * bonus
+    if plan.sample:
+        return nucleus_sample(key, total, knobs["temperature"], knobs["top_p"])
+    return jnp.argmax(total, axis=-1)
+
+
+@functools.partial(nnx.jit, static_argnames=("plan",), graph_updates=False)
+def _generate(model: LlavaModel, input_ids, pixel_values, attention_mask, knobs,
+              plan: _Plan) -> Generation:
+    b, t = input_ids.shape
+    n, g = plan.max_new_tokens, len(model.config.grounded_layers)
+    logits_bv, cache, ground = model.prefill(input_ids, pixel_values, attention_mask, t + n)
+    positions_b = attention_mask.sum(-1).astype(jnp.int32)  # each row's next position
+    eos = jnp.asarray(plan.eos or (-1,), jnp.int32)
+    rows = jnp.arange(b)
+    g = g if ground is not None else 0
+    init = dict(i=jnp.int32(0), cache=cache, logits=logits_bv.astype(jnp.float32),
+                done=jnp.zeros(b, bool),
+                tokens=jnp.full((b, n), plan.pad, jnp.int32), valid=jnp.zeros((b, n), bool),
+                logprobs=jnp.zeros((b, n)), entropy=jnp.zeros((b, n)),
+                scores=jnp.zeros((g, b, n)))
+
+    def step(s):
+        i = s["i"]
+        propose_key, choose_key = jax.random.split(jax.random.fold_in(knobs["key"], i))
+        logp_bv = jax.nn.log_softmax(s["logits"], axis=-1)
+        cand_logp_bc, cand_bc = _propose(logp_bv, knobs, plan, propose_key)
+        cand_bc = jnp.where(s["done"][:, None], plan.pad, cand_bc).astype(jnp.int32)
+        next_logits_bcv, scores_gbc, (k, v) = model.decode_step(cand_bc, positions_b + i,
+                                                                s["cache"], ground)
+        if scores_gbc is None:
+            scores_gbc = jnp.zeros((0,) + cand_bc.shape)
+        grounding_bc = (aggregate(scores_gbc, model.config.grounding.aggregate) if g
+                        else jnp.zeros(cand_bc.shape))
+        j = _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan, choose_key)
+        token_b = cand_bc[rows, j]
+        live = ~s["done"]
+        return dict(
+            i=i + 1,
+            cache=s["cache"].write(t + i, k[:, rows, j], v[:, rows, j]),
+            logits=next_logits_bcv[rows, j].astype(jnp.float32),
+            done=s["done"] | jnp.isin(token_b, eos),
+            tokens=s["tokens"].at[:, i].set(token_b),
+            valid=s["valid"].at[:, i].set(live),
+            logprobs=s["logprobs"].at[:, i].set(jnp.where(live, logp_bv[rows, token_b], 0.0)),
+            entropy=s["entropy"].at[:, i].set(
+                jnp.where(live, -jnp.sum(jnp.exp(logp_bv) * logp_bv, axis=-1), 0.0)),
+            scores=s["scores"].at[:, :, i].set(jnp.where(live, scores_gbc[:, rows, j], 0.0)),
+        )
+
+    s = jax.lax.while_loop(lambda s: (s["i"] < n) & ~jnp.all(s["done"]), step, init)
+    out = Generation(tokens=s["tokens"], valid=s["valid"], lengths=s["valid"].sum(-1),
+                     logprobs=s["logprobs"], entropy=s["entropy"], grounding=None)
+    if not g:
+        return out
+    scored = s["valid"] & ground.scored_b[:, None]
+    return out.replace(grounding=aggregate(s["scores"], model.config.grounding.aggregate),
+                       grounding_scores=model.per_layer(s["scores"]), scored=scored)
