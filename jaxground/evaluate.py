@@ -9,7 +9,9 @@ The config defaults to the one the workdir was trained with (else `default_confi
 `eval` section says how to decode, its `mesh` how to shard the model.
 --data: pope - official POPE .json(l) files (comma-separated or a folder; images under
 --images) or a COCO-format folder (questions built from it); chair / grounding - a
-COCO-format folder (a caption is generated per image); mme - the MME benchmark folder.
+COCO-format folder (a caption is generated per image); grounding also takes a .jsonl of
+caption records (given positive and hallucinated captions, scored teacher forced; images
+under --images); mme - the MME benchmark folder.
 
 Writes OUT (default DIR/eval/<task>, DIR/eval/<task>-guided with eval.guided) with
 samples.jsonl (per-sample outputs), results.json and report.md; grounding also writes
@@ -35,7 +37,7 @@ from jaxground import store
 from jaxground.data.objects import token_ids, vocabulary_for
 from jaxground.data.processor import Processor, clip_image_processor, load_tokenizer
 from jaxground.eval import report, tasks
-from jaxground.inference.batching import DecodeSettings, generate_all
+from jaxground.inference.batching import DecodeSettings, generate_all, score_all
 from jaxground.training import sharding
 from jaxground.training.checkpoint import TRAIN_CONFIG_FILE, is_workdir, latest_step
 from jaxground.training.config import default_config, validate_eval
@@ -111,6 +113,8 @@ def task_data(task: str, data: str, cfg, images: str | None) -> tasks.TaskData:
         return tasks.pope_data(data, images, e.limit, e.seed, split)
     if task == "mme":
         return tasks.mme_data(data, e.limit)
+    if task == "grounding" and os.path.isfile(data):
+        return tasks.given_caption_data(data, tasks.caption_prompt(cfg), images, e.limit)
     return tasks.caption_data(data, tasks.caption_prompt(cfg), e.limit, split)
 
 
@@ -122,8 +126,9 @@ def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_pat
 
     e = cfg.eval
     settings = decode_settings(e, data.short_answers)
+    given = bool(data.prompts) and data.prompts[0].answer is not None
     objects = None
-    if not data.short_answers:
+    if not data.short_answers and not given:
         from jaxground.data.coco import load_coco
 
         vocab = vocabulary_for(load_coco(data_path, e.split or None).categories)
@@ -134,9 +139,12 @@ def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_pat
     t0 = time.perf_counter()
     with tqdm(total=len(data.prompts), desc="evaluate", dynamic_ncols=True,
               disable=not sys.stderr.isatty() and "JAXGROUND_PROGRESS" not in os.environ) as bar:
-        for result in generate_all(model, processor, data.prompts, settings, e.batch_size,
-                                   guidance_tokens=guidance_tokens, flag_tokens=objects,
-                                   progress=bar.update):
+        results = (score_all(model, processor, data.prompts, e.batch_size,
+                             progress=bar.update) if given else
+                   generate_all(model, processor, data.prompts, settings, e.batch_size,
+                                guidance_tokens=guidance_tokens, flag_tokens=objects,
+                                progress=bar.update))
+        for result in results:
             key = result.pop("key")
             sample = {**data.records[key], **result}
             if "error" not in result:
@@ -145,6 +153,8 @@ def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_pat
                 new_tokens += len(result["token_ids"])
             samples.append(sample)
     seconds = time.perf_counter() - t0
+    if given:
+        return samples, {"seconds": seconds, "teacher_forced": True}
     return samples, {"seconds": seconds, "new_tokens": new_tokens,
                      "tokens_per_s": new_tokens / seconds if seconds else float("nan"),
                      "decode": settings.__dict__}
@@ -206,7 +216,7 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
                "step": step if step is not None else _latest_step(workdir),
                "data": os.path.abspath(data), "samples": len(samples),
                "failed": sum("error" in s for s in samples), **stats, "metrics": metrics}
-    if task == "grounding" and not rescore and cfg.eval.heatmaps:
+    if task == "grounding" and os.path.isdir(data) and not rescore and cfg.eval.heatmaps:
         results["heatmaps"] = report.heatmap_pages(model, processor, samples, data, cfg, out)
     with open(os.path.join(out, RESULTS_FILE), "w") as f:
         json.dump(_finite(results), f, indent=1)

@@ -98,3 +98,56 @@ def test_bad_inputs_name_the_problem(workdir, tmp_path):
     assert proc.returncode != 0 and "nowhere" in proc.stderr
     proc = evaluate(workdir, "pope", "--config.eval.batch_size=0", check=False)
     assert proc.returncode != 0 and "eval.batch_size" in proc.stderr
+
+
+def test_grounding_on_given_captions_is_teacher_forced(workdir, tmp_path):
+    heldout = os.path.join(workdir, "data", "heldout")
+    records = str(tmp_path / "captions.jsonl")
+    run("jaxground.data.coco", "--coco_dir", heldout, "--out", records, "--kinds", "caption")
+    out = str(tmp_path / "given")
+    run("jaxground.evaluate", "--config", "configs/shapes.py", "--workdir", workdir,
+        "--task", "grounding", "--data", records, "--images", heldout, "--out", out,
+        "--config.eval.limit=30")
+    results, report, samples = read_results(out)
+    m = results["metrics"]
+    assert results["teacher_forced"] and "teacher forced" in report
+    # Positives and their hallucinated edits: both classes are present among the mentions.
+    assert m["tokens"] > m["hallucinated_tokens"] > 0
+    assert {s["label"] for s in samples} == {"positive", "negative"}
+    s = next(s for s in samples if s["label"] == "negative")
+    assert s["text"].lower().replace(" ", "") == s["caption"].lower().replace(" ", "")
+
+
+def _mme_folder(root, heldout):
+    """A 2-subtask MME folder made of held-out shapes images."""
+    from jaxground.data.coco import load_coco
+
+    index = load_coco(heldout)
+    ids = sorted(index.present)[:3]
+    for subtask in ("existence", "count"):
+        d = os.path.join(root, subtask)
+        os.makedirs(os.path.join(d, "images"))
+        os.makedirs(os.path.join(d, "questions_answers_YN"))
+        for i in ids:
+            name = f"{i}.png"
+            with open(os.path.join(heldout, index.image_path(i)), "rb") as src, \
+                    open(os.path.join(d, "images", name), "wb") as dst:
+                dst.write(src.read())
+            present = sorted(index.present[i])[0]
+            absent = sorted(set(index.categories) - index.present[i])[0]
+            with open(os.path.join(d, "questions_answers_YN", f"{i}.txt"), "w") as f:
+                f.write(f"Is there a {present} in the image? Please answer yes or no.\tYes\n"
+                        f"Is there a {absent} in the image? Please answer yes or no.\tNo\n")
+
+
+def test_mme(workdir, tmp_path):
+    root = str(tmp_path / "MME")
+    _mme_folder(root, os.path.join(workdir, "data", "heldout"))
+    out = str(tmp_path / "mme")
+    run("jaxground.evaluate", "--config", "configs/shapes.py", "--workdir", workdir,
+        "--task", "mme", "--data", root, "--out", out)
+    results, report, samples = read_results(out)
+    m = results["metrics"]
+    assert set(m["subtasks"]) == {"existence", "count"} and len(samples) == 12
+    assert m["perception"] == m["subtasks"]["existence"]["score"] + m["subtasks"]["count"]["score"]
+    assert 0 <= m["total"] <= 400 and "Perception" in report

@@ -73,7 +73,9 @@ def task_markdown(results: dict) -> str:
              f"- checkpoint: `{results['checkpoint']}` (step {results.get('step')})",
              f"- data: `{results['data']}`, {results['samples']} samples, "
              f"{results['failed']} failed"]
-    if "seconds" in results:
+    if results.get("teacher_forced"):
+        lines.append(f"- given captions scored teacher forced in {results['seconds']:.1f} s")
+    elif "seconds" in results:
         lines.append(f"- generation: {results['seconds']:.1f} s, {results['new_tokens']} new "
                      f"tokens, {results['tokens_per_s']:.1f} tokens/s")
     if decode:

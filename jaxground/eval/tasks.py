@@ -80,11 +80,38 @@ def caption_data(coco_dir: str, caption_prompt: str, limit: int = 0,
     return TaskData(prompts, records, short_answers=False)
 
 
+def given_caption_data(path: str, caption_prompt: str, image_root: str | None = None,
+                       limit: int = 0) -> TaskData:
+    """Caption records (jaxground's grounding records: "image", "text", "spans" [start, end,
+    label, category], positives and their hallucinated edits) to score teacher forced.
+    Images lie under `image_root` (default: the records file's folder)."""
+    from jaxground.data.coco import read_jsonl
+
+    records = [r for r in read_jsonl(path) if r.get("kind", "caption") == "caption"]
+    if not records:
+        raise ValueError(f"{path} holds no caption records")
+    missing = [k for k in ("image", "text", "spans") if k not in records[0]]
+    if missing:
+        raise ValueError(f"{path}: caption records need {missing} (first record: "
+                         f"{sorted(records[0])})")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    out, prompts = {}, []
+    for n, r in enumerate(_limit(records, limit)):
+        key = str(r.get("id", n))
+        out[key] = {"id": key, "image": r["image"], "image_id": r.get("image_id"),
+                    "caption": r["text"], "label": r.get("label"),
+                    "strategy": r.get("strategy"), "edit": r.get("edit"),
+                    "present": sorted({s[3] for s in r["spans"] if s[2] == 1}),
+                    "categories": sorted({s[3] for s in r["spans"]})}
+        prompts.append(Prompt(caption_prompt, os.path.join(root, r["image"]), key,
+                              answer=r["text"]))
+    return TaskData(prompts, out, short_answers=False)
+
+
 def mme_data(root: str, limit: int = 0) -> TaskData:
     questions = _limit(mme.read_mme(root), limit)
-    records = {q["question_id"]: {k: q[k] for k in ("question_id", "subtask", "image_file",
-                                                    "question", "answer")}
-               for q in questions}
+    fields = ("question_id", "subtask", "image", "image_file", "question", "answer")
+    records = {q["question_id"]: {k: q[k] for k in fields} for q in questions}
     prompts = [Prompt(mme.prompt(q["question"]), q["image"], q["question_id"])
                for q in questions]
     return TaskData(prompts, records, short_answers=True)
@@ -154,12 +181,17 @@ def flagging(mention_sets: list[dict], threshold: float) -> dict:
             "precision": ratio(hits, len(flagged)), "recall": ratio(hits, len(hallucinated))}
 
 
-def score_grounding(samples: list[dict], tokenizer, coco_dir: str, split: str | None = None,
+def score_grounding(samples: list[dict], tokenizer, data: str, split: str | None = None,
                     flag_threshold: float = 0.0) -> dict:
     """Token / mention AUROC and AUPR of the grounding score against NLL and entropy, on
-    the object mentions of generated captions labelled by CHAIR's ground truth."""
-    index = load_coco(coco_dir, split)
-    vocab = vocabulary_for(index.categories)
-    truth = lambda s: chair.ground_truth(index, vocab, s["image_id"])[1]
+    the object mentions of generated captions labelled by CHAIR's ground truth (`data` a
+    COCO-format folder), or of given captions labelled by their records (`data` a file)."""
+    if os.path.isdir(data):
+        index = load_coco(data, split)
+        vocab = vocabulary_for(index.categories)
+        truth = lambda s: chair.ground_truth(index, vocab, s["image_id"])[1]
+    else:
+        vocab = vocabulary_for(sorted({c for s in samples for c in s["categories"]}))
+        truth = lambda s: set(s["present"])
     sets = mention_samples(samples, tokenizer, vocab, truth)
     return {**grounding_auroc.metrics(sets), "flagging": flagging(sets, flag_threshold)}

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxground.data.processor import BadImageError, Processor, open_image
 from jaxground.inference.generate import generate
+from jaxground.inference.score import score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Prompt:
     question: str
     image: str     # path
     key: object    # the caller's id for this prompt
+    answer: str | None = None  # a given answer to score (teacher forced) instead
 
 
 def left_pad(rows: list[list[int]], pad_id: int, multiple: int = 8):
@@ -53,6 +55,53 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def _open_images(batch: list[Prompt]):
+    """(images, prompts whose image opened, error results for the others)."""
+    images, ok, errors = [], [], []
+    for p in batch:
+        try:
+            images.append(open_image(p.image))
+            ok.append(p)
+        except (BadImageError, FileNotFoundError) as e:
+            errors.append({"key": p.key, "error": str(e)})
+    return images, ok, errors
+
+
+def _pad_id(tokenizer) -> int:
+    eos = tokenizer.eos_token_id
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+
+
+def score_all(model, processor: Processor, prompts: Iterable[Prompt], batch_size: int = 8,
+              pad_multiple: int = 8, progress: Callable[[int], None] | None = None
+              ) -> Iterator[dict]:
+    """Teacher-forced scores of each prompt's given answer: {"key", "token_ids" (the
+    answer's tokens, EOS excluded), "grounding", "logprobs", "entropy"} per answer token,
+    or {"key", "error"}."""
+    pad = _pad_id(processor.tokenizer)
+    for batch in _chunks(list(prompts), batch_size):
+        images, ok, errors = _open_images(batch)
+        yield from errors
+        if ok:
+            prompt_lens = [len(processor.encode(p.question)["input_ids"]) for p in ok]
+            rows = [processor.encode(p.question, p.answer)["input_ids"] for p in ok]
+            fill = batch_size - len(rows)
+            ids, mask = left_pad(rows + [rows[0]] * fill, pad, pad_multiple)
+            out = score(model, ids, processor.pixel_values(images + [images[0]] * fill), mask)
+            signals = {"grounding": out.grounding, "logprobs": out.logprobs,
+                       "entropy": out.entropy}
+            signals = {k: np.asarray(v) for k, v in signals.items() if v is not None}
+            t = ids.shape[1]
+            for row, (p, r, n) in enumerate(zip(ok, rows, prompt_lens)):
+                eos = processor.tokenizer.eos_token_id
+                end = len(r) - (1 if eos is not None and r[-1] == eos else 0)
+                cols = slice(t - len(r) + n, t - len(r) + end)  # the answer, left padded
+                yield {"key": p.key, "token_ids": r[n:end],
+                       **{k: v[row, cols].tolist() for k, v in signals.items()}}
+        if progress is not None:
+            progress(len(batch))
+
+
 def generate_all(model, processor: Processor, prompts: Iterable[Prompt],
                  settings: DecodeSettings, batch_size: int = 8, guidance_tokens=None,
                  flag_tokens=None, pad_multiple: int = 8,
@@ -60,18 +109,14 @@ def generate_all(model, processor: Processor, prompts: Iterable[Prompt],
     """Yields one result per prompt, in order: {"key", "token_ids", "grounding", "logprobs",
     "entropy", "scored", "flagged"} (per generated token, EOS excluded), or {"key",
     "error"} for a prompt whose image cannot be read (the rest of the batch goes on)."""
-    tok = processor.tokenizer
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
+    eos = processor.tokenizer.eos_token_id
+    pad = _pad_id(processor.tokenizer)
     for batch in _chunks(list(prompts), batch_size):
-        images, ok = [], []
-        for p in batch:
-            try:
-                images.append(open_image(p.image))
-                ok.append(p)
-            except (BadImageError, FileNotFoundError) as e:
-                yield {"key": p.key, "error": str(e)}
+        images, ok, errors = _open_images(batch)
+        yield from errors
         if not ok:
+            if progress is not None:
+                progress(len(batch))
             continue
         rows = [processor.encode(p.question)["input_ids"] for p in ok]
         fill = batch_size - len(rows)

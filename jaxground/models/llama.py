@@ -98,16 +98,24 @@ class LlamaAttention(nnx.Module):
         decoding scores its top-k candidates in one pass. Returns (out [B, C, D], (k, v)
         [B, C, K, H]) - the caller writes the chosen token's k, v into the cache."""
         q, k, v = self._qkv(x_bcd, cos_bch, sin_bch)
-        q = rearrange(q, "b c (k g) h -> b c k g h", k=self.num_kv_heads)
+        c = q.shape[1]
+        # Heads lead the sequence in the cache ([B, K, S, H]), so both dots batch over
+        # (b, k) with no transposed copy of the cache per step.
+        q_bkqh = rearrange(q, "b c (k g) h -> b k (c g) h", k=self.num_kv_heads)
         scale = q.shape[-1] ** -0.5
         f32 = dict(preferred_element_type=jnp.float32)
-        cached_bckgs = jnp.einsum("bckgh,bskh->bckgs", q, cache.k_bskh, **f32) * scale
-        cached_bckgs = jnp.where(cache.valid_bs[:, None, None, None], cached_bckgs, NEG_INF)
-        own_bckg = jnp.einsum("bckgh,bckh->bckg", q, k, **f32) * scale
-        probs = jax.nn.softmax(jnp.concatenate([cached_bckgs, own_bckg[..., None]], -1), -1)
+        cached = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, cache.k_bksh, **f32) * scale
+        cached = jnp.where(cache.valid_bs[:, None, None], cached, NEG_INF)
+        own_bkq = rearrange(jnp.einsum("bckgh,bckh->bkcg",
+                                       rearrange(q, "b c (k g) h -> b c k g h",
+                                                 k=self.num_kv_heads), k, **f32),
+                            "b k c g -> b k (c g)") * scale
+        probs = jax.nn.softmax(jnp.concatenate([cached, own_bkq[..., None]], -1), -1)
         probs = probs.astype(v.dtype)
-        out = (jnp.einsum("bckgs,bskh->bckgh", probs[..., :-1], cache.v_bskh)
-               + probs[..., -1:] * v[:, :, :, None])
+        out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs[..., :-1], cache.v_bksh)
+        out = (rearrange(out_bkqh, "b k (c g) h -> b c k g h", c=c)
+               + rearrange(probs[..., -1], "b k (c g) -> b c k g", c=c)[..., None]
+               * v[:, :, :, None])
         return self.o_proj(rearrange(out, "b c k g h -> b c (k g h)")), (k, v)
 
 
@@ -115,8 +123,8 @@ class LlamaAttention(nnx.Module):
 class LayerCache:
     """One layer's view of the KV cache."""
 
-    k_bskh: jax.Array
-    v_bskh: jax.Array
+    k_bksh: jax.Array
+    v_bksh: jax.Array
     valid_bs: jax.Array  # [B, S] bool: written positions that may be attended
 
 
@@ -337,22 +345,23 @@ class DecoderOutput:
 class KVCache:
     """Keys and values of every layer for S positions (prompt + new tokens)."""
 
-    k: jax.Array          # [L, B, S, K, H]
-    v: jax.Array          # [L, B, S, K, H]
+    k: jax.Array          # [L, B, K, S, H]
+    v: jax.Array          # [L, B, K, S, H]
     valid_bs: jax.Array   # [B, S] bool: written, non-padding positions
 
     @classmethod
     def from_prefill(cls, kv, attention_mask_bt, length: int) -> "KVCache":
-        k, v = kv
-        pad = [(0, 0), (0, 0), (0, length - k.shape[2]), (0, 0), (0, 0)]
-        valid = jnp.pad(attention_mask_bt.astype(bool), [(0, 0), (0, length - k.shape[2])])
+        """From the prompt's (k, v) [L, B, T, K, H], room for `length` positions."""
+        k, v = (jnp.swapaxes(a, 2, 3) for a in kv)
+        pad = [(0, 0), (0, 0), (0, 0), (0, length - k.shape[3]), (0, 0)]
+        valid = jnp.pad(attention_mask_bt.astype(bool), [(0, 0), (0, length - k.shape[3])])
         return cls(jnp.pad(k, pad), jnp.pad(v, pad), valid)
 
     def write(self, t, k_lbkh, v_lbkh) -> "KVCache":
         """Stores one token per row at position t (left padding aligns rows' new tokens)."""
-        at = (0, 0, t, 0, 0)
-        return KVCache(jax.lax.dynamic_update_slice(self.k, k_lbkh[:, :, None], at),
-                       jax.lax.dynamic_update_slice(self.v, v_lbkh[:, :, None], at),
+        at = (0, 0, 0, t, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k_lbkh[:, :, :, None], at),
+                       jax.lax.dynamic_update_slice(self.v, v_lbkh[:, :, :, None], at),
                        jax.lax.dynamic_update_slice(self.valid_bs,
                                                     jnp.ones((self.valid_bs.shape[0], 1), bool),
                                                     (0, t)))
