@@ -44,15 +44,22 @@ from jaxground.training.config import default_config, validate_eval
 
 log = logging.getLogger("jaxground.evaluate")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: the one the "
-                                          "workdir was trained with).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or converted checkpoint.")
-_TASK = flags.DEFINE_enum("task", None, list(tasks.TASKS), "What to evaluate.")
-_DATA = flags.DEFINE_string("data", None, "Benchmark data (see the module docstring).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_IMAGES = flags.DEFINE_string("images", None, "Image folder for POPE question files.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval/<task>).")
-_RESCORE = flags.DEFINE_bool("rescore", False, "Re-score OUT/samples.jsonl; no model.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so that importing this module
+    next to `jaxground.train` (whose --config flag has the same name) works."""
+    config_flags.DEFINE_config_file("config", None, "Config file (default: the one the "
+                                    "workdir was trained with).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Training workdir or converted checkpoint.")
+    flags.DEFINE_enum("task", None, list(tasks.TASKS), "What to evaluate.")
+    flags.DEFINE_string("data", None, "Benchmark data (see the module docstring).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("images", None, "Image folder for POPE question files.")
+    flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval/<task>).")
+    flags.DEFINE_bool("rescore", False, "Re-score OUT/samples.jsonl; no model.")
+
 
 SAMPLES_FILE, RESULTS_FILE, REPORT_FILE = "samples.jsonl", "results.json", "report.md"
 
@@ -248,12 +255,13 @@ def main(argv) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    if not _WORKDIR.value or not _TASK.value or not _DATA.value:
+    f = FLAGS
+    if not f.workdir or not f.task or not f.data:
         raise app.UsageError("--workdir, --task and --data are required")
-    results = evaluate(_WORKDIR.value, _TASK.value, _DATA.value, _CONFIG.value, _STEP.value,
-                       _IMAGES.value, _OUT.value, _RESCORE.value)
+    results = evaluate(f.workdir, f.task, f.data, f.config, f.step, f.images, f.out, f.rescore)
     print(report.task_summary(results))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

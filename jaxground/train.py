@@ -40,9 +40,13 @@ from jaxground.training.step import BATCH_KEYS, compile_step, eval_fn, init_stat
 
 log = logging.getLogger("jaxground.train")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defined only when run as a program (see `jaxground.evaluate.define_flags`)."""
+    config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -349,12 +353,13 @@ def main(argv) -> None:
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
-    if _CONFIG.value is None or not _WORKDIR.value:
+    if FLAGS.config is None or not FLAGS.workdir:
         raise app.UsageError("--config and --workdir are required")
-    result = train(_CONFIG.value, _WORKDIR.value)
+    result = train(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, bool)}))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -51,6 +51,10 @@ class WorldConfig:
     max_size: int = 24
     co_occur: tuple = CO_OCCUR
     colour_noise: float = 0.0
+    # Chance that a caption of an image holding `a` but not its usual partner `b` names `b`
+    # anyway (annotators' co-occurrence bias; instance annotations stay true). Captions
+    # trained on with a bias teach a model to hallucinate the partner.
+    caption_bias: float = 0.0
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
@@ -114,6 +118,15 @@ def sample_scene(rng: random.Random, cfg: WorldConfig) -> list[tuple[str, str, t
     return objects
 
 
+def phantoms(objects, cfg: WorldConfig, rng: random.Random) -> list[tuple[str, str, None]]:
+    """Absent partners a biased caption names: [(shape, its usual colour, None)]."""
+    if not cfg.caption_bias:
+        return []  # no draws: worlds without bias stay byte-identical
+    here = {shape for shape, _, _ in objects}
+    return [(b, SHAPE_COLOURS[b], None) for a, b, _ in cfg.co_occur
+            if a in here and b not in here and rng.random() < cfg.caption_bias]
+
+
 def caption(objects, rng: random.Random) -> str:
     """'a red circle and a blue square .' (objects in a random order)."""
     parts = [f"a {colour} {shape}" for shape, colour, _ in rng.sample(objects, len(objects))]
@@ -152,8 +165,9 @@ def write_world(out_dir: str, num_images: int, seed: int, cfg: WorldConfig = Wor
                               "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
                               "attributes": {"colour": colour}})
         for _ in range(captions_per_image):
+            named = objects + phantoms(objects, cfg, rng)
             captions.append({"id": len(captions) + 1, "image_id": image_id,
-                             "caption": caption(objects, rng)})
+                             "caption": caption(named, rng)})
     info = {"description": f"jaxground shapes world, seed {seed}", "version": "1"}
     _dump(os.path.join(out_dir, "annotations", "instances.json"),
           {"info": info, "images": images, "annotations": instances, "categories": categories})
@@ -190,9 +204,14 @@ def main(argv=None) -> None:
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--caption-bias", type=float, default=0.0,
+                   help="chance a caption names an absent co-occurring partner")
+    p.add_argument("--colour-noise", type=float, default=0.0,
+                   help="chance a shape gets a random colour instead of its own")
     args = p.parse_args(argv)
     summary = write_world(args.out, args.num_images, args.seed,
-                          WorldConfig(image_size=args.image_size))
+                          WorldConfig(image_size=args.image_size, caption_bias=args.caption_bias,
+                                      colour_noise=args.colour_noise))
     print(f"wrote {args.out}: {summary}")
 
 
