@@ -31,7 +31,7 @@ def _world_config(bias: float):
 
     # Partners appear together 70% of the time, so "a but not b" is common enough to count.
     co_occur = (("circle", "square", 0.7), ("triangle", "star", 0.7), ("ring", "bar", 0.7))
-    return WorldConfig(co_occur=co_occur, caption_bias=bias)
+    return WorldConfig(co_occur=co_occur, caption_bias=bias, max_objects=3)
 
 
 def build_worlds(out: str, train_images: int, heldout_images: int, bias: float) -> tuple:
@@ -58,6 +58,7 @@ def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float)
     cfg.train.eval_every = max(args.steps // 4, 1)
     cfg.eval.batch_size = 32
     cfg.eval.guidance = args.guidance
+    cfg.eval.guidance_score = "log_sigmoid"  # only penalise: never reward naming objects
     cfg.eval.limit = args.eval_limit
     return cfg
 
@@ -110,11 +111,11 @@ def evaluate_model(cfg, workdir: str, heldout: str, guided: bool) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--heldout-images", type=int, default=200)
     p.add_argument("--caption-bias", type=float, default=0.8)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--eval-limit", type=int, default=0, help="first N held-out items only")
     p.add_argument("--quick", action="store_true", help="a tiny run (tests): 30 steps, "
                    "160 training / 24 held-out images")

@@ -263,8 +263,8 @@ def demo_report(out: str, results: dict, settings: dict) -> dict:
              "(faithful captions, another seed)")
     md = ["# jaxground demo: grounded vs ungrounded on the shapes world", "",
           f"Two tiny LLaVAs, same initialisation and data order, {settings['steps']} steps each; "
-          f"{world}. Guided decoding: alpha = {settings['guidance']}, top-5 candidates, bonus "
-          f"on object words only. Whole demo: {settings['seconds']:.0f} s.", "",
+          f"{world}. Guided decoding: argmax log p + alpha * log sigmoid(grounding logit) over "
+          f"the top-5 candidates, alpha = {settings['guidance']}, object words only. Whole demo: {settings['seconds']:.0f} s.", "",
           demo_table(results), "", "## Targets", ""]
     md += [f"- [{'x' if ok else ' '}] {what}: {nums}" for what, ok, nums in checks]
     md += ["", "## Training curves", "", "![training curves](curves.png)", "",
