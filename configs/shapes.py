@@ -14,6 +14,7 @@ def get_config():
     c.grounding.layers = ""          # the last four of the tiny decoder's layers
     c.grounding.type = "similarity"
     c.loss.grounding_weight = 1.0
+    c.data.label_attributes = True   # the colour before a shape is labelled with it
     c.data.world_images = 2000
     c.data.eval_world_images = 200
     c.data.groups_per_batch = 8

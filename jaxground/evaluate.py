@@ -140,8 +140,11 @@ def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_pat
 
         vocab = vocabulary_for(load_coco(data_path, e.split or None).categories)
         objects = token_ids(processor.tokenizer, vocab)
-    guidance_tokens = objects if settings.guidance is not None and e.guidance_objects_only \
-        else None
+    guidance_tokens = None
+    if settings.guidance is not None and e.guidance_objects_only:
+        # Attribute words carry trained scores when the model was taught them.
+        guidance_tokens = token_ids(processor.tokenizer, vocab,
+                                    attributes=cfg.data.get("label_attributes", False))
     samples, new_tokens = [], 0
     t0 = time.perf_counter()
     with tqdm(total=len(data.prompts), desc="evaluate", dynamic_ncols=True,

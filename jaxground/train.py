@@ -79,13 +79,15 @@ def prepare_data(cfg, workdir: str):
     strategies = tuple(s for s in d.strategies.split(",") if s)
     kinds = tuple(k for k in d.kinds.split(",") if k)
     records = (read_jsonl(d.records) if d.records
-               else build_records(train_dir, strategies, kinds, seed=d.seed))
+               else build_records(train_dir, strategies, kinds, seed=d.seed,
+                                  attributes=d.label_attributes))
     eval_dir, eval_records = None, []
     if d.eval_dir or (not d.dir and cfg.model.preset == "shapes"):
         eval_dir = d.eval_dir or _shapes_world(os.path.join(workdir, "data", "heldout"),
                                                d.eval_world_images, d.seed + 1000)
         eval_records = (read_jsonl(d.eval_records) if d.eval_records
-                        else build_records(eval_dir, strategies, kinds, seed=d.seed + 1))
+                        else build_records(eval_dir, strategies, kinds, seed=d.seed + 1,
+                                           attributes=d.label_attributes))
     tokenizer_dir = cfg.model.init_from or train_dir
     return train_dir, records, eval_dir, eval_records, tokenizer_dir
 

@@ -307,3 +307,46 @@ def test_two_processes_split_each_global_batch(world):
         parts = [next(h) for h in halves]
         for k in ("input_ids", "labels", "grounding_labels", "pixel_values"):
             np.testing.assert_array_equal(np.concatenate([q[k] for q in parts]), want[k])
+
+
+def test_caption_bias_names_absent_partners_and_labels_them_absent(tmp_path):
+    """Biased captions name a co-occurring partner the image lacks; the annotations (and so
+    the grounding labels) stay true; attribute labelling covers "blue square" in positives."""
+    cfg = shapes.WorldConfig(caption_bias=1.0, max_objects=3,
+                             co_occur=(("circle", "square", 0.5),))
+    shapes.write_world(str(tmp_path), 120, seed=3, cfg=cfg)
+    index = load_coco(str(tmp_path))
+    lonely = [i for i, objs in index.present.items() if "circle" in objs and "square" not in objs]
+    assert lonely
+    for i in lonely:
+        assert all("blue square" in c for c in index.captions[i]), index.captions[i]
+    records = build_records(str(tmp_path), ("random",), ("caption",), seed=0, attributes=True)
+    assert_labels_match_annotations(records, index)
+    positives = [r for r in records if r["label"] == "positive" and r["image_id"] in lonely]
+    labelled = {(r["text"][s:e], lab) for r in positives for s, e, lab, _ in r["spans"]}
+    assert ("blue square", 0) in labelled and ("red circle", 1) in labelled
+    # Edits keep the replaced object's colour, which describes something present: unlabelled.
+    for r in records:
+        if r["edit"] == "replace":
+            assert all(r["text"][s:e] in shapes.SHAPES for s, e, *_ in r["spans"]), r
+    # Without a bias the world is the one older seeds made (no extra random draws).
+    shapes.write_world(str(tmp_path / "a"), 30, seed=4)
+    shapes.write_world(str(tmp_path / "b"), 30, seed=4, cfg=shapes.WorldConfig(caption_bias=0.0))
+    assert filecmp.cmp(tmp_path / "a" / "annotations/captions.json",
+                       tmp_path / "b" / "annotations/captions.json", shallow=False)
+
+
+def test_attribute_start_and_guidance_tokens(world):
+    from jaxground.data.objects import attribute_start, token_ids, vocabulary_for
+
+    text = "A big red car and a dog near small cars"
+    assert text[attribute_start(text, text.index("car")):text.index("car") + 3] == "big red car"
+    assert attribute_start(text, text.index("dog")) == text.index("dog")  # "a" is no attribute
+    assert text[attribute_start(text, text.index("cars")):] == "small cars"
+    tok = load_tokenizer(world)
+    vocab = vocabulary_for(list(shapes.SHAPES))
+    plain, with_attrs = token_ids(tok, vocab), token_ids(tok, vocab, attributes=True)
+    shape_ids = {tok.convert_tokens_to_ids(s) for s in shapes.SHAPES}
+    colour_ids = {tok.convert_tokens_to_ids(c) for c in shapes.COLOURS}
+    assert shape_ids <= set(plain) and not colour_ids & set(plain)
+    assert shape_ids | colour_ids <= set(with_attrs)

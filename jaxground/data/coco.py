@@ -25,7 +25,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from jaxground.data.objects import ObjectVocabulary, singular, vocabulary_for
+from jaxground.data.objects import ObjectVocabulary, attribute_start, singular, vocabulary_for
 
 STRATEGIES = ("random", "popular", "adversarial")
 _POPULAR_POOL = 3  # "popular" draws among the most frequent absent categories
@@ -107,9 +107,12 @@ def absent_objects(index: CocoIndex, image_id: int, strategy: str, rng: random.R
     return ranked[:k]
 
 
-def labelled_spans(text: str, present: set[str], vocab: ObjectVocabulary) -> list[list]:
-    return [[m.start, m.end, int(m.category in present), m.category]
-            for m in vocab.mentions(text)]
+def labelled_spans(text: str, present: set[str], vocab: ObjectVocabulary,
+                   attributes: bool = False) -> list[list]:
+    """[start, end, 1 (present) | 0 (absent), category] per mention; with `attributes` the
+    span starts at the attribute words before the mention ("red car")."""
+    return [[attribute_start(text, m.start) if attributes else m.start, m.end,
+             int(m.category in present), m.category] for m in vocab.mentions(text)]
 
 
 def _article_fixed(text: str, start: int, word: str) -> tuple[str, int]:
@@ -148,7 +151,10 @@ def insert_mention(text: str, new_category: str) -> str:
 
 
 def caption_records(index: CocoIndex, vocab: ObjectVocabulary, strategies, rng,
-                    insert: bool = True):
+                    insert: bool = True, attributes: bool = False):
+    """Each reference caption (positive) and its edits naming an absent object (negatives).
+    Attribute words are labelled in positives only: an edit keeps the replaced object's
+    attributes ("a red circle" -> "a red star"), which still describe something present."""
     for image_id in sorted(index.captions):
         present = index.present.get(image_id, set())
         for ci, text in enumerate(index.captions[image_id]):
@@ -157,7 +163,7 @@ def caption_records(index: CocoIndex, vocab: ObjectVocabulary, strategies, rng,
                         pair_id=pair)
             yield {**base, "id": f"{pair}_pos", "text": text, "label": "positive",
                    "strategy": "none", "edit": "none",
-                   "spans": labelled_spans(text, present, vocab)}
+                   "spans": labelled_spans(text, present, vocab, attributes)}
             real = [m for m in vocab.mentions(text) if m.category in present]
             for strategy in strategies:
                 absent = absent_objects(index, image_id, strategy, rng)
@@ -196,13 +202,14 @@ def question_records(index: CocoIndex, vocab: ObjectVocabulary, strategies, rng,
 
 
 def build_records(coco_dir: str, strategies=STRATEGIES, kinds=("caption", "question"),
-                  split: str | None = None, seed: int = 0, insert: bool = True) -> list[dict]:
+                  split: str | None = None, seed: int = 0, insert: bool = True,
+                  attributes: bool = False) -> list[dict]:
     index = load_coco(coco_dir, split)
     vocab = vocabulary_for(index.categories)
     rng = random.Random(seed)
     records = []
     if "caption" in kinds:
-        records.extend(caption_records(index, vocab, strategies, rng, insert))
+        records.extend(caption_records(index, vocab, strategies, rng, insert, attributes))
     if "question" in kinds:
         records.extend(question_records(index, vocab, strategies, rng))
     return records
@@ -230,13 +237,15 @@ def main(argv=None) -> None:
     p.add_argument("--split", default=None, help="e.g. train2014 (instances_train2014.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-insert", action="store_true", help="only replacement negatives")
+    p.add_argument("--label-attributes", action="store_true",
+                   help="labels also cover attribute words before a mention ('red car')")
     args = p.parse_args(argv)
     strategies = tuple(s for s in args.strategy.split(",") if s)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
         p.error(f"--strategy {bad}: choose from {list(STRATEGIES)}")
     records = build_records(args.coco_dir, strategies, tuple(args.kinds.split(",")),
-                            args.split, args.seed, not args.no_insert)
+                            args.split, args.seed, not args.no_insert, args.label_attributes)
     write_jsonl(records, args.out)
     counts = collections.Counter((r["kind"], r["label"]) for r in records)
     print(f"wrote {len(records)} records to {args.out}: {dict(counts)}")

@@ -33,6 +33,22 @@ _KEEP = {"glass", "bus", "grass", "cross", "is", "this", "was", "has", "as", "it
          "us", "yes", "class", "dress", "species", "scissors", "sheep", "skis", "ski", "gas",
          "bos", "ous", "les", "mrs", "dos"}
 _WORD = re.compile(r"[a-z]+")
+# Words describing an object's look ("a red car"). With attribute labelling, a mention's
+# grounding label also covers the attribute words right before it: a model names an object's
+# colour before the object, so that is where it can be told (and guided) not to.
+ATTRIBUTE_WORDS = frozenset(
+    "red green blue yellow purple orange cyan pink white black brown gray grey silver gold "
+    "small large big little tall wooden metal".split())
+_TRAILING_WORD = re.compile(r"([a-z]+)\s+$")
+
+
+def attribute_start(text: str, start: int) -> int:
+    """Where the run of attribute words right before position `start` begins (`start`
+    itself when there is none): "a big red car" with start at "car" -> start of "big"."""
+    lowered = text.lower()
+    while (m := _TRAILING_WORD.search(lowered, 0, start)) and m.group(1) in ATTRIBUTE_WORDS:
+        start = m.start(1)
+    return start
 
 
 @dataclass(frozen=True)
@@ -120,12 +136,16 @@ def vocabulary_for(categories: list[str]) -> ObjectVocabulary:
     return ObjectVocabulary.from_categories(categories)
 
 
-def token_ids(tokenizer, vocab: ObjectVocabulary) -> list[int]:
+def token_ids(tokenizer, vocab: ObjectVocabulary, attributes: bool = False) -> list[int]:
     """Ids of every token that spells part of an object word (singular or plural, with and
-    without a leading space): what grounding guidance and flagging look at. Subword
-    tokenizers make this a superset (pieces shared with other words are included)."""
+    without a leading space), plus attribute words if asked: what grounding guidance and
+    flagging look at. Subword tokenizers make this a superset (pieces shared with other
+    words are included)."""
     ids = set()
     words = set(vocab.synonyms) | set(vocab.double_words)
+    if attributes:
+        ids.update(i for w in ATTRIBUTE_WORDS for text in (w, " " + w)
+                   for i in tokenizer(text, add_special_tokens=False)["input_ids"])
     for w in words:
         for form in {w, _engine().plural_noun(w) or w}:
             for text in (form, " " + form):

@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
         eval_world_images=200,
         strategies="random,popular,adversarial",
         kinds="caption,question",
+        label_attributes=False,  # grounding labels also cover attribute words ("red car")
         template="hf", pad_to_square=False,
         groups_per_batch=8,    # global; a batch has 2x this many rows
         max_length=96, workers=0, on_bad_image="skip", on_too_long="drop", seed=0))
