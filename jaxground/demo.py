@@ -93,6 +93,9 @@ def evaluate_model(cfg, workdir: str, heldout: str, guided: bool) -> dict:
         out.update({f"pope_{s}_accuracy": pope[s]["accuracy"]
                     for s in ("random", "popular", "adversarial")})
     g = evaluate(workdir, "grounding", heldout, cfg)
+    # Report paths are relative to the demo folder, the workdirs' parent.
+    prefix = os.path.join(os.path.basename(os.path.normpath(workdir)), "eval",
+                          "grounding" + ("-guided" if guided else ""))
     samples = read_jsonl(os.path.join(workdir, "eval", "grounding" + ("-guided" if guided
                                                                        else ""), "samples.jsonl"))
     chair = tasks.score_chair(samples, heldout)
@@ -102,9 +105,9 @@ def evaluate_model(cfg, workdir: str, heldout: str, guided: bool) -> dict:
                token_auroc_nll=g["metrics"]["token"]["nll"]["auroc"],
                hallucinated_mentions=g["metrics"]["hallucinated_mentions"],
                mentions=g["metrics"]["mentions"],
-               heatmaps=[os.path.join(os.path.relpath(workdir, os.path.dirname(workdir)),
-                                      "eval", "grounding" + ("-guided" if guided else ""), p)
-                         for p in g.get("heatmaps", [])])
+               heatmaps=[os.path.join(prefix, p) for p in g.get("heatmaps", [])],
+               heatmap_examples=[{**e, "png": os.path.join(prefix, e["png"])}
+                                 for e in g.get("heatmap_examples", [])])
     return out
 
 

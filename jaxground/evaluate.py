@@ -227,7 +227,8 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
                "data": os.path.abspath(data), "samples": len(samples),
                "failed": sum("error" in s for s in samples), **stats, "metrics": metrics}
     if task == "grounding" and os.path.isdir(data) and not rescore and cfg.eval.heatmaps:
-        results["heatmaps"] = report.heatmap_pages(model, processor, samples, data, cfg, out)
+        results["heatmaps"], results["heatmap_examples"] = report.heatmap_pages(
+            model, processor, samples, data, cfg, out)
     with open(os.path.join(out, RESULTS_FILE), "w") as f:
         json.dump(_finite(results), f, indent=1)
     with open(os.path.join(out, REPORT_FILE), "w") as f:

@@ -124,10 +124,12 @@ HEATMAP_SIZE = 336  # pixels; small images (the shapes world's) are scaled up to
 
 
 def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out: str
-                  ) -> list[str]:
+                  ) -> tuple[list[str], list[dict]]:
     """For a few samples, an HTML page of the caption coloured by grounding, each object
     mention token clickable to show the image with that token's patch scores (teacher
-    forced, mean over grounded layers). Returns the pages' paths relative to `out`."""
+    forced, mean over grounded layers). Returns the pages' paths relative to `out`, and
+    examples: per mention of those captions {"image_id", "caption", "word", "hallucinated",
+    "grounding", "png"} (the heatmap of the mention's first token, relative to `out`)."""
     from PIL import Image
 
     from jaxground.data.coco import load_coco
@@ -142,7 +144,7 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
     sets = [_mentions(processor.tokenizer, s, vocab,
                       chair.ground_truth(index, vocab, s["image_id"])[1]) for s in usable]
     config = model.config
-    pages = []
+    pages, examples = [], []
     for i in _pick(usable, sets, cfg.eval.heatmaps):
         s, (text, spans, mentions) = usable[i], sets[i]["parts"]
         prompt = processor.encode(caption_prompt(cfg))["input_ids"]
@@ -169,7 +171,12 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
             flagged=flagged, size=HEATMAP_SIZE,
             title=f"image {s['image_id']}: hallucinated {sorted(hallucinated) or 'none'}")
         pages.append(os.path.relpath(page, out))
-    return pages
+        for m in mentions:
+            png = os.path.join(os.path.dirname(page), f"heatmap_{m['tokens'][0]:04d}.png")
+            examples.append({"image_id": s["image_id"], "caption": text.strip(),
+                             "word": m["word"], "hallucinated": m["hallucinated"],
+                             "grounding": m["grounding"], "png": os.path.relpath(png, out)})
+    return pages, examples
 
 
 def _mentions(tokenizer, sample, vocab, truth) -> dict:
@@ -246,13 +253,26 @@ def training_curves(out: str, runs: dict[str, str], path: str) -> str:
     return path
 
 
+def _contrasting(examples: list[dict]) -> list[dict]:
+    """A correctly named object and a hallucinated one, from one caption when possible."""
+    by_image: dict = {}
+    for e in examples:
+        by_image.setdefault(e["image_id"], {}).setdefault(e["hallucinated"], e)
+    both = [v for v in by_image.values() if len(v) == 2]
+    if both:
+        return [both[0][False], both[0][True]]
+    firsts = {e["hallucinated"]: e for e in reversed(examples)}
+    return [firsts[k] for k in (False, True) if k in firsts]
+
+
 def demo_report(out: str, results: dict, settings: dict) -> dict:
     """Writes OUT/results.json, OUT/curves.png, OUT/report.md and OUT/report.html."""
     import html
     import json
 
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({m: {k: v for k, v in results[m].items() if k != "heatmaps"}
+        json.dump({m: {k: v for k, v in results[m].items()
+                       if k not in ("heatmaps", "heatmap_examples")}
                    for m in ("grounded", "guided", "ungrounded")}, f, indent=1)
     training_curves(out, {m: os.path.join(out, m) for m in ("grounded", "ungrounded")},
                     os.path.join(out, "curves.png"))
@@ -271,7 +291,12 @@ def demo_report(out: str, results: dict, settings: dict) -> dict:
            "## Heatmaps (grounded model, held-out images)", "",
            "Each page shows a generated caption with object words coloured by their grounding "
            "score; click a word to see which image patches support it."]
-    md += [f"- [{p}]({p})" for p in heatmaps]
+    shown = _contrasting(results["grounded"].get("heatmap_examples", []))
+    for e in shown:
+        kind = "hallucinated" if e["hallucinated"] else "correctly named"
+        md += ["", f"**{kind}**: \"{e['word']}\" in \"{e['caption']}\" (image {e['image_id']}, "
+               f"grounding logit {e['grounding']:.2f})", "", f"![{e['word']}]({e['png']})"]
+    md += ["", "All pages:"] + [f"- [{p}]({p})" for p in heatmaps]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     head = ["ungrounded (λ = 0)", "grounded (λ = 1)", "grounded + guided"]
@@ -281,8 +306,13 @@ def demo_report(out: str, results: dict, settings: dict) -> dict:
         for key, label in DEMO_ROWS)
     checks_html = "".join(f"<li>{'✅' if ok else '❌'} {html.escape(what)}: "
                           f"{html.escape(nums)}</li>" for what, ok, nums in checks)
-    links = "".join(f'<li><a href="{html.escape(p)}">{html.escape(p)}</a></li>'
-                    for p in heatmaps)
+    links = "".join(
+        f'<figure style="display:inline-block;margin:0 1em"><img src="{html.escape(e["png"])}">'
+        f'<figcaption>{"hallucinated" if e["hallucinated"] else "correctly named"}: '
+        f'"{html.escape(e["word"])}" in "{html.escape(e["caption"])}" (logit '
+        f'{e["grounding"]:.2f})</figcaption></figure>' for e in shown)
+    links += "".join(f'<li><a href="{html.escape(p)}">{html.escape(p)}</a></li>'
+                     for p in heatmaps)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>jaxground demo</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
