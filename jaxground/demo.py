@@ -1,6 +1,6 @@
 """The demo: does training with the grounding loss reduce object hallucination?
 
-  python -m jaxground.demo [--out runs/demo] [--steps 600] [--quick]
+  python -m jaxground.demo [--out runs/demo] [--steps 1200] [--quick]
 
 1. Builds the shapes world: a training split whose captions carry annotators'
    co-occurrence bias (an image with a circle but no square is still sometimes captioned
@@ -82,8 +82,9 @@ def train_model(cfg, workdir: str) -> float:
 def evaluate_model(cfg, workdir: str, heldout: str, guided: bool) -> dict:
     """POPE + CHAIR + token AUROC on the held-out split (captions generated once, for both
     CHAIR and the AUROC)."""
+    from jaxground.data.coco import read_jsonl
     from jaxground.eval import tasks
-    from jaxground.evaluate import evaluate, read_jsonl
+    from jaxground.evaluate import SAMPLES_FILE, evaluate, output_dir
 
     cfg.eval.guided = guided
     out = {}
@@ -92,13 +93,11 @@ def evaluate_model(cfg, workdir: str, heldout: str, guided: bool) -> dict:
         out.update({f"pope_{s}_f1": pope[s]["f1"] for s in ("random", "popular", "adversarial")})
         out.update({f"pope_{s}_accuracy": pope[s]["accuracy"]
                     for s in ("random", "popular", "adversarial")})
-    g = evaluate(workdir, "grounding", heldout, cfg)
+    eval_dir = output_dir(workdir, "grounding", heldout, cfg)
+    g = evaluate(workdir, "grounding", heldout, cfg, out=eval_dir)
+    chair = tasks.score_chair(read_jsonl(os.path.join(eval_dir, SAMPLES_FILE)), heldout)
     # Report paths are relative to the demo folder, the workdirs' parent.
-    prefix = os.path.join(os.path.basename(os.path.normpath(workdir)), "eval",
-                          "grounding" + ("-guided" if guided else ""))
-    samples = read_jsonl(os.path.join(workdir, "eval", "grounding" + ("-guided" if guided
-                                                                       else ""), "samples.jsonl"))
-    chair = tasks.score_chair(samples, heldout)
+    prefix = os.path.relpath(eval_dir, os.path.dirname(os.path.normpath(workdir)))
     out.update(chair_s=chair["chair_s"], chair_i=chair["chair_i"], recall=chair["recall"],
                mean_length=chair["mean_length"],
                token_auroc=g["metrics"]["token"]["grounding"]["auroc"],
@@ -129,7 +128,8 @@ def main(argv=None) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only restore notices
-    sys.path.insert(0, os.getcwd())  # configs/ lives at the repository root
+    # configs/ lives at the repository root, next to the package.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jaxground.eval import report
 
     t_start = time.perf_counter()
@@ -150,12 +150,11 @@ def main(argv=None) -> None:
         metrics = evaluate_model(configs[model], os.path.join(args.out, model), heldout_dir,
                                  guided)
         results[name] = {**results.get(model, {}), **results.get(name, {}), **metrics}
-    for key in [k for k in results["grounded"] if k.startswith("pope_")]:
-        results["guided"][key] = results["grounded"][key]
-    results["guided"]["train_seconds"] = results["grounded"]["train_seconds"]
     settings = {"steps": args.steps, "train_images": args.train_images,
                 "heldout_images": args.heldout_images, "caption_bias": args.caption_bias,
-                "guidance": args.guidance, "seconds": time.perf_counter() - t_start}
+                "guidance": args.guidance,
+                "guidance_top_k": configs["grounded"].eval.guidance_top_k,
+                "seconds": time.perf_counter() - t_start}
     paths = report.demo_report(args.out, results, settings)
     print()
     print(report.demo_table(results))

@@ -35,7 +35,8 @@ from ml_collections import config_flags
 
 from jaxground import store
 from jaxground.data.objects import token_ids, vocabulary_for
-from jaxground.data.processor import Processor, clip_image_processor, load_tokenizer
+from jaxground.data.coco import read_jsonl, write_jsonl
+from jaxground.data.processor import TOKENIZER_FILES, Processor, load_tokenizer, make_processor
 from jaxground.eval import report, tasks
 from jaxground.inference.batching import DecodeSettings, generate_all, score_all
 from jaxground.training import sharding
@@ -96,13 +97,10 @@ def load_model(workdir: str, cfg, step: int | None):
 
 def load_eval_processor(workdir: str, cfg, config) -> Processor:
     source = workdir
-    if not any(os.path.exists(os.path.join(workdir, n))
-               for n in ("tokenizer.json", "tokenizer_config.json")):
+    if not any(os.path.exists(os.path.join(workdir, n)) for n in TOKENIZER_FILES):
         source = cfg.model.get("init_from") or workdir  # fine-tunes keep the base's tokenizer
-    tokenizer = load_tokenizer(source)
-    return Processor(tokenizer, clip_image_processor(config.vision.image_size, source),
-                     config.image_seq_length, config.image_token_id, cfg.data.template,
-                     cfg.data.pad_to_square, max_length=1 << 20)
+    return make_processor(load_tokenizer(source), config, cfg.data, source,
+                          max_length=1 << 20)  # evaluation never truncates a prompt
 
 
 def decode_settings(e, short: bool) -> DecodeSettings:
@@ -134,17 +132,16 @@ def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_pat
     e = cfg.eval
     settings = decode_settings(e, data.short_answers)
     given = bool(data.prompts) and data.prompts[0].answer is not None
-    objects = None
+    objects = guidance_tokens = None
     if not data.short_answers and not given:
         from jaxground.data.coco import load_coco
 
         vocab = vocabulary_for(load_coco(data_path, e.split or None).categories)
         objects = token_ids(processor.tokenizer, vocab)
-    guidance_tokens = None
-    if settings.guidance is not None and e.guidance_objects_only:
-        # Attribute words carry trained scores when the model was taught them.
-        guidance_tokens = token_ids(processor.tokenizer, vocab,
-                                    attributes=cfg.data.get("label_attributes", False))
+        if settings.guidance is not None and e.guidance_objects_only:
+            # Attribute words carry trained scores when the model was taught them.
+            guidance_tokens = token_ids(processor.tokenizer, vocab,
+                                        attributes=cfg.data.get("label_attributes", False))
     samples, new_tokens = [], 0
     t0 = time.perf_counter()
     with tqdm(total=len(data.prompts), desc="evaluate", dynamic_ncols=True,
@@ -181,19 +178,10 @@ def score_samples(task: str, samples: list[dict], data: str, cfg, tokenizer) -> 
     return tasks.score_grounding(samples, tokenizer, data, e.split or None, e.flag_threshold)
 
 
-def write_jsonl(rows: list[dict], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # a crash never leaves a half-written file behind
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run the evaluation once without --rescore")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def output_dir(workdir: str, task: str, data: str, cfg) -> str:
+    """WORKDIR/eval/<task>, with "-guided" when captions are generated with guidance."""
+    guided = cfg.eval.guided and task in ("chair", "grounding") and os.path.isdir(data)
+    return os.path.join(workdir, "eval", task + ("-guided" if guided else ""))
 
 
 def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = None,
@@ -207,14 +195,16 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data} does not exist")
     cfg = resolve_config(workdir, cfg)
-    guided = cfg.eval.guided and task in ("chair", "grounding")
-    out = out or os.path.join(workdir, "eval", task + ("-guided" if guided else ""))
+    out = out or output_dir(workdir, task, data, cfg)
     os.makedirs(out, exist_ok=True)
     config = store.read_config(workdir)
     processor = load_eval_processor(workdir, cfg, config)
     samples_path = os.path.join(out, SAMPLES_FILE)
     if rescore:
-        samples, stats = read_jsonl(samples_path), {}
+        if not os.path.exists(samples_path):
+            raise FileNotFoundError(f"{samples_path} is missing: run the evaluation once "
+                                    "without --rescore")
+        samples, stats = read_jsonl(samples_path), _kept_stats(out)
     else:
         model, mesh = load_model(workdir, cfg, step)
         with jax.set_mesh(mesh):
@@ -222,11 +212,14 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
                                          task_data(task, data, cfg, images), cfg, data)
         write_jsonl(samples, samples_path)
     metrics = score_samples(task, samples, data, cfg, processor.tokenizer)
+    step = stats.pop("step", step)
     results = {"task": task, "checkpoint": os.path.abspath(workdir),
                "step": step if step is not None else _latest_step(workdir),
                "data": os.path.abspath(data), "samples": len(samples),
                "failed": sum("error" in s for s in samples), **stats, "metrics": metrics}
-    if task == "grounding" and os.path.isdir(data) and not rescore and cfg.eval.heatmaps:
+    heads = bool(config.grounded_layers)
+    if task == "grounding" and os.path.isdir(data) and heads and not rescore \
+            and cfg.eval.heatmaps:
         results["heatmaps"], results["heatmap_examples"] = report.heatmap_pages(
             model, processor, samples, data, cfg, out)
     with open(os.path.join(out, RESULTS_FILE), "w") as f:
@@ -234,6 +227,18 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
     with open(os.path.join(out, REPORT_FILE), "w") as f:
         f.write(report.task_markdown(results))
     return results
+
+
+def _kept_stats(out: str) -> dict:
+    """What a re-scored run keeps from the run that generated its samples."""
+    path = os.path.join(out, RESULTS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    keep = ("step", "seconds", "new_tokens", "tokens_per_s", "decode", "teacher_forced",
+            "heatmaps", "heatmap_examples")
+    return {k: old[k] for k in keep if k in old}
 
 
 def _latest_step(workdir: str) -> int | None:

@@ -159,12 +159,11 @@ def load_processor(path: str):
     """The HF LLaVA processor (tokenizer + CLIP image processor) saved next to the weights."""
     from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor
 
-    from jaxground.data.processor import clip_image_processor
+    from jaxground.data.processor import TOKENIZER_FILES, clip_image_processor
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint dir {path} does not exist")
-    has_tokenizer = any(os.path.exists(os.path.join(path, n))
-                        for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_tokenizer = any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES)
     if not has_tokenizer:
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer.model) in "
                                 f"{path}; convert from an HF dir that has them")

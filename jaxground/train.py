@@ -28,7 +28,7 @@ from jaxground import store
 from jaxground.data import shapes
 from jaxground.data.coco import build_records, read_jsonl
 from jaxground.data.pipeline import PipelineConfig, build_dataset
-from jaxground.data.processor import Processor, clip_image_processor, load_tokenizer
+from jaxground.data.processor import load_tokenizer, make_processor
 from jaxground.models.config import PRESETS, LlavaConfig
 from jaxground.models.llava import abstract_model, fresh_grounding_heads, init_model
 from jaxground.training import sharding
@@ -229,10 +229,7 @@ def train(cfg, workdir: str) -> dict:
         write_train_config(workdir, cfg)
         if not cfg.model.init_from:
             tokenizer.save_pretrained(workdir)  # so the workdir alone can be evaluated
-    processor = Processor(tokenizer, clip_image_processor(config.vision.image_size,
-                                                          cfg.model.init_from or None),
-                          config.image_seq_length, config.image_token_id, cfg.data.template,
-                          cfg.data.pad_to_square, cfg.data.max_length)
+    processor = make_processor(tokenizer, config, cfg.data, cfg.model.init_from or None)
     d = cfg.data
     pipe_cfg = PipelineConfig(groups_per_batch=d.groups_per_batch, max_length=d.max_length,
                               seed=d.seed, workers=d.workers, on_bad_image=d.on_bad_image,

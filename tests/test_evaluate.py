@@ -84,10 +84,14 @@ def test_grounding_writes_metrics_and_heatmaps_and_rescores(workdir):
     page_dir = os.path.dirname(os.path.join(out, pages[0]))
     assert any(f.endswith(".png") for f in os.listdir(page_dir))
     # Re-scoring from samples.jsonl alone reproduces the metrics without the model.
-    os.remove(os.path.join(out, "results.json"))
+    with open(os.path.join(out, "results.json"), "w") as f:  # only the run's stats survive
+        json.dump({k: results[k] for k in ("decode", "heatmaps", "seconds", "new_tokens",
+                                           "tokens_per_s")}, f)
     evaluate(workdir, "grounding", "--rescore")
-    again, _, _ = read_results(out)
+    again, report_again, _ = read_results(out)
     assert again["metrics"] == results["metrics"]
+    # ...and keeps what only the generating run knew.
+    assert again["decode"] == results["decode"] and again["heatmaps"] == pages
 
 
 def test_bad_inputs_name_the_problem(workdir, tmp_path):
@@ -107,7 +111,7 @@ def test_grounding_on_given_captions_is_teacher_forced(workdir, tmp_path):
     out = str(tmp_path / "given")
     run("jaxground.evaluate", "--config", "configs/shapes.py", "--workdir", workdir,
         "--task", "grounding", "--data", records, "--images", heldout, "--out", out,
-        "--config.eval.limit=30")
+        "--config.eval.limit=30", "--config.eval.guided=True")  # no effect on given captions
     results, report, samples = read_results(out)
     m = results["metrics"]
     assert results["teacher_forced"] and "teacher forced" in report
@@ -151,3 +155,21 @@ def test_mme(workdir, tmp_path):
     assert set(m["subtasks"]) == {"existence", "count"} and len(samples) == 12
     assert m["perception"] == m["subtasks"]["existence"]["score"] + m["subtasks"]["count"]["score"]
     assert 0 <= m["total"] <= 400 and "Perception" in report
+
+
+def test_pope_question_files_with_overlapping_ids(tmp_path):
+    """The official POPE files each number their questions from 1: read together, the ids
+    are qualified by split instead of colliding."""
+    from jaxground.eval import tasks
+
+    for split in ("random", "adversarial"):
+        with open(tmp_path / f"coco_pope_{split}.json", "w") as f:
+            for qid, label in ((1, "yes"), (2, "no")):
+                f.write(json.dumps({"question_id": qid, "image": "x.jpg", "label": label,
+                                    "text": "Is there a dog in the image?"}) + "\n")
+    data = tasks.pope_data(str(tmp_path))
+    assert sorted(data.records) == ["adversarial/1", "adversarial/2", "random/1", "random/2"]
+    assert {r["split"] for r in data.records.values()} == {"random", "adversarial"}
+    samples = [{**r, "text": "Yes"} for r in data.records.values()]
+    m = tasks.score_pope(samples)
+    assert m["random"]["tp"] == 1 and m["random"]["fp"] == 1 and not m["random"]["missing"]

@@ -1,5 +1,7 @@
 """Cached generation: HF `generate` parity, grounding equal to teacher forcing, guidance."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,6 +207,12 @@ def test_bad_inputs_are_explained(hf_dir, tmp_path):
     with pytest.raises(ValueError, match="guidance_score"):
         jaxground.generate(model, ids, px, attention_mask=mask, guidance=1.0,
                            guidance_score="prob")
+    model.config = model.config.replace(
+        text=dataclasses.replace(model.config.text, attention_impl="cudnn"))
+    with pytest.raises(ValueError, match="cudnn"):  # causal-only: would attend to padding
+        jaxground.generate(model, ids, px, attention_mask=mask)
+    with pytest.raises(ValueError, match="cudnn"):
+        jaxground.score(model, ids, px, mask)
 
 
 @pytest.mark.parametrize("grounding", [

@@ -216,10 +216,13 @@ def build_records(coco_dir: str, strategies=STRATEGIES, kinds=("caption", "quest
 
 
 def write_jsonl(records, path: str) -> None:
+    """Written to a temporary file first: a crash never leaves half a file behind."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -175,6 +175,18 @@ class Processor:
         return {"input_ids": ids, "labels": labels, "grounding_labels": g}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def make_processor(tokenizer, config, data_cfg, source: str | None = None,
+                   max_length: int | None = None) -> Processor:
+    """The processor for a model config (`LlavaConfig`) and a run's data settings (the
+    training config's `data` section); `source` may hold a preprocessor_config.json."""
+    return Processor(tokenizer, clip_image_processor(config.vision.image_size, source),
+                     config.image_seq_length, config.image_token_id, data_cfg.template,
+                     data_cfg.pad_to_square, max_length or data_cfg.max_length)
+
+
 def load_tokenizer(path: str):
     """The fast tokenizer in `path`: an HF tokenizer dir, or a bare `tokenizer.json` (the
     shapes world's) wrapped with LLaVA's special tokens."""

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from jaxground.eval import grounding_auroc, heatmap
+from jaxground.eval import heatmap
 from jaxground.eval.tasks import caption_prompt
 
 
@@ -75,7 +75,7 @@ def task_markdown(results: dict) -> str:
              f"{results['failed']} failed"]
     if results.get("teacher_forced"):
         lines.append(f"- given captions scored teacher forced in {results['seconds']:.1f} s")
-    elif "seconds" in results:
+    elif "new_tokens" in results:
         lines.append(f"- generation: {results['seconds']:.1f} s, {results['new_tokens']} new "
                      f"tokens, {results['tokens_per_s']:.1f} tokens/s")
     if decode:
@@ -111,11 +111,10 @@ def _image_from_pixels(pixels_chw: np.ndarray, image_processor) -> np.ndarray:
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
-def _pick(samples: list[dict], mention_sets: list[dict], n: int) -> list[int]:
+def _pick(mention_sets: list[dict], n: int) -> list[int]:
     """Indices of up to n samples, those with both a real and a hallucinated mention first."""
     def rank(i):
-        kinds = {m["hallucinated"] for m in mention_sets[i]["mentions"]}
-        return (-len(kinds), -bool(kinds), i)
+        return (-len({m["hallucinated"] for m in mention_sets[i]["mentions"]}), i)
 
     return sorted(range(len(mention_sets)), key=rank)[:n]
 
@@ -132,21 +131,18 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
     "grounding", "png"} (the heatmap of the mention's first token, relative to `out`)."""
     from PIL import Image
 
-    from jaxground.data.coco import load_coco
-    from jaxground.data.objects import vocabulary_for
     from jaxground.data.processor import open_image
-    from jaxground.eval import chair
+    from jaxground.eval.tasks import grounding_truth, mention_samples
     from jaxground.inference.score import score
 
-    index = load_coco(coco_dir, cfg.eval.split or None)
-    vocab = vocabulary_for(index.categories)
     usable = [s for s in samples if "error" not in s and s.get("token_ids")]
-    sets = [_mentions(processor.tokenizer, s, vocab,
-                      chair.ground_truth(index, vocab, s["image_id"])[1]) for s in usable]
+    vocab, truth = grounding_truth(coco_dir, usable, cfg.eval.split or None)
+    sets = mention_samples(usable, processor.tokenizer, vocab, truth)
     config = model.config
     pages, examples = [], []
-    for i in _pick(usable, sets, cfg.eval.heatmaps):
-        s, (text, spans, mentions) = usable[i], sets[i]["parts"]
+    for i in _pick(sets, cfg.eval.heatmaps):
+        s, (text, spans, mentions) = usable[i], (sets[i]["text"], sets[i]["spans"],
+                                                 sets[i]["mentions"])
         prompt = processor.encode(caption_prompt(cfg))["input_ids"]
         ids = np.asarray([prompt + s["token_ids"]], np.int32)
         pixels = processor.pixel_values([open_image(os.path.join(coco_dir, s["image"]))])
@@ -177,13 +173,6 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
                              "word": m["word"], "hallucinated": m["hallucinated"],
                              "grounding": m["grounding"], "png": os.path.relpath(png, out)})
     return pages, examples
-
-
-def _mentions(tokenizer, sample, vocab, truth) -> dict:
-    text, spans = grounding_auroc.token_spans(tokenizer, sample["token_ids"])
-    mentions = grounding_auroc.mention_records(text, spans, vocab, truth,
-                                               {"grounding": sample["grounding"]})
-    return {"mentions": mentions, "parts": (text, spans, mentions)}
 
 
 # ---- the demo's report ------------------------------------------------------------------
@@ -284,7 +273,8 @@ def demo_report(out: str, results: dict, settings: dict) -> dict:
     md = ["# jaxground demo: grounded vs ungrounded on the shapes world", "",
           f"Two tiny LLaVAs, same initialisation and data order, {settings['steps']} steps each; "
           f"{world}. Guided decoding: argmax log p + alpha * log sigmoid(grounding logit) over "
-          f"the top-5 candidates, alpha = {settings['guidance']}, object words only. Whole demo: {settings['seconds']:.0f} s.", "",
+          f"the top-{settings['guidance_top_k']} candidates, alpha = {settings['guidance']}, "
+          "on object words and the attribute words before them. Whole demo: {settings['seconds']:.0f} s.", "",
           demo_table(results), "", "## Targets", ""]
     md += [f"- [{'x' if ok else ' '}] {what}: {nums}" for what, ok, nums in checks]
     md += ["", "## Training curves", "", "![training curves](curves.png)", "",

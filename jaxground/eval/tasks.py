@@ -6,8 +6,8 @@ generation results are merged into those records, giving the per-sample outputs 
 computes the metrics from those alone, so a run can be re-scored without the model.
 
 A sample holds the record's fields plus "text" (the decoded answer / caption) and, per
-generated token: "token_ids", "grounding", "logprobs", "entropy", "scored", "flagged";
-or "error" when its image could not be read.
+token: "token_ids", "logprobs", "entropy", "grounding" (models with heads), and for
+generated ones "scored" and "flagged"; or "error" when its image could not be read.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: in
     else:
         files = _files(path, (".json", ".jsonl"))
         questions = [q for f in files for q in pope.read_pope_questions(f)]
+        if len(files) > 1:  # the official files each number their questions from 1
+            questions = [{**q, "question_id": f"{pope.question_split(q)}/{q['question_id']}"}
+                         for q in questions]
         root = image_root or os.path.dirname(files[0])
     questions = _limit(questions, limit)
     records, prompts = {}, []
@@ -156,17 +159,17 @@ def score_chair(samples: list[dict], coco_dir: str, split: str | None = None) ->
 def mention_samples(samples: list[dict], tokenizer, vocab: ObjectVocabulary, truth) -> list:
     """Object mentions of each generated caption, labelled real / hallucinated against
     `truth(sample) -> set of categories`, with the per-token signals averaged over each
-    mention: [{"key", "signals", "mentions"}]."""
+    mention: [{"text", "spans", "signals", "mentions"}] (a model without heads has no
+    "grounding" signal; the baselines are still there)."""
     out = []
+    names = {"grounding": "grounding", "logprobs": "logprob", "entropy": "entropy"}
     for s in samples:
-        if "error" in s or "grounding" not in s:
+        if "error" in s:
             continue
         text, spans = grounding_auroc.token_spans(tokenizer, s["token_ids"])
-        signals = {k: s[k] for k in ("grounding", "logprobs", "entropy")}
-        signals["logprob"] = signals.pop("logprobs")
+        signals = {name: s[k] for k, name in names.items() if k in s}
         mentions = grounding_auroc.mention_records(text, spans, vocab, truth(s), signals)
-        out.append({"key": s.get("image_id", s.get("key")), "signals": signals,
-                    "mentions": mentions})
+        out.append({"text": text, "spans": spans, "signals": signals, "mentions": mentions})
     return out
 
 
@@ -181,17 +184,25 @@ def flagging(mention_sets: list[dict], threshold: float) -> dict:
             "precision": ratio(hits, len(flagged)), "recall": ratio(hits, len(hallucinated))}
 
 
+def grounding_truth(data: str, samples: list[dict], split: str | None = None):
+    """(vocabulary, truth(sample) -> categories in its image): CHAIR's ground truth for a
+    COCO-format folder, the records' own labels for a file of given captions."""
+    if os.path.isdir(data):
+        index = load_coco(data, split)
+        vocab = vocabulary_for(index.categories)
+        return vocab, lambda s: chair.ground_truth(index, vocab, s["image_id"])[1]
+    vocab = vocabulary_for(sorted({c for s in samples for c in s["categories"]}))
+    return vocab, lambda s: set(s["present"])
+
+
 def score_grounding(samples: list[dict], tokenizer, data: str, split: str | None = None,
                     flag_threshold: float = 0.0) -> dict:
     """Token / mention AUROC and AUPR of the grounding score against NLL and entropy, on
     the object mentions of generated captions labelled by CHAIR's ground truth (`data` a
     COCO-format folder), or of given captions labelled by their records (`data` a file)."""
-    if os.path.isdir(data):
-        index = load_coco(data, split)
-        vocab = vocabulary_for(index.categories)
-        truth = lambda s: chair.ground_truth(index, vocab, s["image_id"])[1]
-    else:
-        vocab = vocabulary_for(sorted({c for s in samples for c in s["categories"]}))
-        truth = lambda s: set(s["present"])
+    vocab, truth = grounding_truth(data, samples, split)
     sets = mention_samples(samples, tokenizer, vocab, truth)
-    return {**grounding_auroc.metrics(sets), "flagging": flagging(sets, flag_threshold)}
+    out = grounding_auroc.metrics(sets)
+    if all("grounding" in s["signals"] for s in sets):
+        out["flagging"] = flagging(sets, flag_threshold)
+    return out

@@ -90,6 +90,7 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids {input_ids.shape}")
     if mask[:, -1].min() == 0:
         raise ValueError("prompts must be left padded: a row's last position is padding")
+    check_padding_supported(cfg, mask)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -119,6 +120,13 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     if flag_tokens is not None:
         flagged &= token_mask(flag_tokens, vocab)[out.tokens]
     return out.replace(flagged=flagged)
+
+
+def check_padding_supported(cfg, mask) -> None:
+    """cuDNN's fused attention here is causal-only: padded rows would attend to padding."""
+    if cfg.text.attention_impl == "cudnn" and np.min(mask) == 0:
+        raise ValueError("text.attention_impl='cudnn' ignores padding; use 'xla' for padded "
+                         "batches (rows of different lengths)")
 
 
 def token_mask(tokens, vocab: int) -> jax.Array:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxground.inference.generate import check_padding_supported
 from jaxground.models.llava import LlavaModel, check_image_tokens
 
 
@@ -30,6 +31,7 @@ def score(model: LlavaModel, input_ids, pixel_values=None, attention_mask=None,
     input_ids = np.asarray(input_ids)
     check_image_tokens(input_ids, pixel_values, model.config)
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    check_padding_supported(model.config, mask)
     return _score(model, jnp.asarray(input_ids),
                   None if pixel_values is None else jnp.asarray(pixel_values),
                   jnp.asarray(mask), patches)

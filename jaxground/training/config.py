@@ -57,11 +57,14 @@ def default_config() -> ml_collections.ConfigDict:
         answer_tokens=8,       # short answers (pope, mme)
         temperature=0.0, top_p=1.0, seed=0,
         guided=False,          # grounding-guided decoding of captions
-        guidance=1.0,          # its alpha: argmax log p + alpha * grounding logit
+        guidance=1.0,          # its alpha: argmax log p + alpha * bonus, bonus = the
+                               # grounding logit or its log sigmoid (guidance_score)
         guidance_top_k=5,
         guidance_score="logit",  # "logit" | "log_sigmoid"
-        guidance_objects_only=True,  # the bonus only for object-word tokens
-        flag_threshold=0.0,    # object mentions with a lower mean grounding logit are flagged
+        guidance_objects_only=True,  # the bonus only for object-word tokens (and the
+                                     # attribute words before them with label_attributes)
+        flag_threshold=0.0,    # object tokens (and mentions, by their mean) with a lower
+                               # grounding logit are flagged
         caption_prompt="",     # "" = the training caption prompt
         limit=0,               # evaluate the first N images / questions only (0: all)
         split="",              # COCO annotation split, when a folder holds several
@@ -155,11 +158,12 @@ def validate(cfg) -> None:
 
 def validate_eval(e) -> None:
     _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size} must be >= 1")
-    _check(e.max_new_tokens >= 1 and e.answer_tokens >= 1, "eval.max_new_tokens",
-           "max_new_tokens and answer_tokens must be >= 1")
+    _check(e.max_new_tokens >= 1, "eval.max_new_tokens", f"{e.max_new_tokens} must be >= 1")
+    _check(e.answer_tokens >= 1, "eval.answer_tokens", f"{e.answer_tokens} must be >= 1")
     _check(e.temperature >= 0, "eval.temperature", f"{e.temperature} must be >= 0")
     _check(0 < e.top_p <= 1, "eval.top_p", f"{e.top_p} must lie in (0, 1]")
-    _check(e.guidance_top_k >= 1, "eval.guidance_top_k", "must be >= 1")
+    _check(e.guidance_top_k >= 1, "eval.guidance_top_k", f"{e.guidance_top_k} must be >= 1")
     _check(e.guidance_score in ("logit", "log_sigmoid"), "eval.guidance_score",
            f"{e.guidance_score!r} is not 'logit' or 'log_sigmoid'")
-    _check(e.limit >= 0 and e.heatmaps >= 0, "eval.limit", "limit and heatmaps must be >= 0")
+    _check(e.limit >= 0, "eval.limit", f"{e.limit} must be >= 0")
+    _check(e.heatmaps >= 0, "eval.heatmaps", f"{e.heatmaps} must be >= 0")
