@@ -35,15 +35,11 @@ def _world_config(bias: float):
 
 
 def build_worlds(out: str, train_images: int, heldout_images: int, bias: float) -> tuple:
-    from jaxground.data.shapes import write_world
+    from jaxground.data.shapes import ensure_world
 
     train_dir, heldout_dir = (os.path.join(out, "data", s) for s in ("train", "heldout"))
-    for directory, n, seed, b in ((train_dir, train_images, DEMO_SEED, bias),
-                                  (heldout_dir, heldout_images, DEMO_SEED + 1000, 0.0)):
-        done = os.path.join(directory, ".complete")
-        if not os.path.exists(done):
-            write_world(directory, n, seed, _world_config(b))
-            open(done, "w").close()
+    ensure_world(train_dir, train_images, DEMO_SEED, _world_config(bias))
+    ensure_world(heldout_dir, heldout_images, DEMO_SEED + 1000, _world_config(0.0))
     return train_dir, heldout_dir
 
 

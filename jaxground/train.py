@@ -52,12 +52,9 @@ def define_flags() -> None:
 # ---- data ------------------------------------------------------------------------------------
 def _shapes_world(directory: str, images: int, seed: int) -> str:
     """Generates the shapes world once (process 0), others wait for it."""
-    done = os.path.join(directory, ".complete")
-    if jax.process_index() == 0 and not os.path.exists(done):
-        log.info("generating the shapes world (%d images, seed %d) in %s", images, seed,
-                 directory)
-        shapes.write_world(directory, images, seed)
-        open(done, "w").close()
+    if jax.process_index() == 0:
+        log.info("shapes world (%d images, seed %d) in %s", images, seed, directory)
+        shapes.ensure_world(directory, images, seed)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

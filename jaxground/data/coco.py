@@ -226,8 +226,13 @@ def write_jsonl(records, path: str) -> None:
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """Records from a JSON-lines file, or from a JSON array (some benchmark files named
+    .json are either)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def main(argv=None) -> None:

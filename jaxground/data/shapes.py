@@ -178,6 +178,18 @@ def write_world(out_dir: str, num_images: int, seed: int, cfg: WorldConfig = Wor
     return {"images": len(images), "objects": len(instances), "captions": len(captions)}
 
 
+def ensure_world(out_dir: str, num_images: int, seed: int,
+                 cfg: WorldConfig = WorldConfig()) -> bool:
+    """Writes the world unless a finished one is there (a `.complete` stamp, written last, so
+    an interrupted generation is redone). Returns whether it wrote."""
+    done = os.path.join(out_dir, ".complete")
+    if os.path.exists(done):
+        return False
+    write_world(out_dir, num_images, seed, cfg)
+    open(done, "w").close()
+    return True
+
+
 def _dump(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)

@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 
+from jaxground.data.coco import read_jsonl
 from jaxground.eval.pope import index_by_question_id
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -196,14 +197,6 @@ def llava_questions(records: list[dict]) -> list[dict]:
              "text": prompt(r["question"]), "category": r["subtask"]} for r in records]
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="MME questions / scoring (official calculation).")
     p.add_argument("--root", required=True, help="MME_Benchmark_release_version folder")
@@ -218,7 +211,7 @@ def main(argv=None) -> None:
                 f.write(json.dumps(q, ensure_ascii=False) + "\n")
         print(f"wrote {len(records)} questions to {args.write_questions}")
     if args.answers:
-        result = score(records, _read_jsonl(args.answers))
+        result = score(records, read_jsonl(args.answers))
         for name, m in result["subtasks"].items():
             print(f"{name:24s} score {m['score']:7.2f}  acc {m['acc']:6.2f}  acc+ "
                   f"{m['acc_plus']:6.2f}  ({m['n_questions']} q, {m['n_other']} other)")

@@ -25,6 +25,8 @@ import json
 import os
 import re
 
+from jaxground.data.coco import read_jsonl
+
 # LLaVA-1.5's POPE questions end with this line (a newline, then the instruction).
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_KEYS = ("strategy", "category")
@@ -141,16 +143,6 @@ def score_splits(questions: list[dict], answers: list[dict]) -> dict:
     return out
 
 
-def _read_records(path: str) -> list[dict]:
-    with open(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        return json.loads(stripped)
-    # The official coco_pope_*.json files are JSON lines despite their name.
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def read_pope_questions(path: str) -> list[dict]:
     """Questions from an official POPE file (question_id, image, text, label) or a jaxground
     record file (its caption records are skipped). Each record gets "label" as yes/no; a
@@ -160,7 +152,7 @@ def read_pope_questions(path: str) -> list[dict]:
     from_name = next((s for s in _SPLITS if re.search(rf"(^|[^a-z]){s}([^a-z]|$)", name)),
                      None)
     out = []
-    for r in _read_records(path):
+    for r in read_jsonl(path):
         if r.get("kind", "question") != "question":
             continue
         q = dict(r)
@@ -172,7 +164,7 @@ def read_pope_questions(path: str) -> list[dict]:
 
 
 def read_answers(path: str) -> list[dict]:
-    return _read_records(path)
+    return read_jsonl(path)
 
 
 def _fmt(m: dict) -> str:

@@ -139,11 +139,11 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
     vocab, truth = grounding_truth(coco_dir, usable, cfg.eval.split or None)
     sets = mention_samples(usable, processor.tokenizer, vocab, truth)
     config = model.config
+    prompt = processor.encode(caption_prompt(cfg))["input_ids"]
     pages, examples = [], []
     for i in _pick(sets, cfg.eval.heatmaps):
         s, (text, spans, mentions) = usable[i], (sets[i]["text"], sets[i]["spans"],
                                                  sets[i]["mentions"])
-        prompt = processor.encode(caption_prompt(cfg))["input_ids"]
         ids = np.asarray([prompt + s["token_ids"]], np.int32)
         pixels = processor.pixel_values([open_image(os.path.join(coco_dir, s["image"]))])
         scores = score(model, ids, pixels, patches=True)

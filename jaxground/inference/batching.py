@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from jaxground.data.processor import BadImageError, Processor, open_image
+from jaxground.data.processor import IGNORE, BadImageError, Processor, open_image
 from jaxground.inference.generate import generate
 from jaxground.inference.score import score
 
@@ -83,8 +83,12 @@ def score_all(model, processor: Processor, prompts: Iterable[Prompt], batch_size
         images, ok, errors = _open_images(batch)
         yield from errors
         if ok:
-            prompt_lens = [len(processor.encode(p.question)["input_ids"]) for p in ok]
-            rows = [processor.encode(p.question, p.answer)["input_ids"] for p in ok]
+            encoded = [processor.encode(p.question, p.answer) for p in ok]
+            rows = [e["input_ids"] for e in encoded]
+            # The answer starts where the LM labels do (the prompt is never a target).
+            prompt_lens = [next((i for i, l in enumerate(e["labels"]) if l != IGNORE),
+                                len(e["labels"]))
+                           for e in encoded]
             fill = batch_size - len(rows)
             ids, mask = left_pad(rows + [rows[0]] * fill, pad, pad_multiple)
             out = score(model, ids, processor.pixel_values(images + [images[0]] * fill), mask)
