@@ -5,8 +5,10 @@
       [--config.eval.guided=True --config.eval.batch_size=16 ...]
 
 DIR is a training workdir (its latest checkpoint, or --step) or a converted checkpoint dir.
-The config defaults to the one the workdir was trained with (else `default_config()`); its
-`eval` section says how to decode, its `mesh` how to shard the model.
+The config defaults to the one the workdir was trained with; a converted checkpoint without
+--config is evaluated under the `llava_1_5` protocol (LLaVA-1.5's own prompts, image padding
+and decoding: jaxground.eval.protocols). The config's `eval` section names the protocol and
+says how to decode, its `mesh` how to shard the model; the protocol applied is printed.
 --data: pope - official POPE .json(l) files (comma-separated or a folder; images under
 --images) or a COCO-format folder (questions built from it); chair / grounding - a
 COCO-format folder (a caption is generated per image); grounding also takes a .jsonl of
@@ -20,6 +22,7 @@ heatmaps/<image>/index.html. --rescore recomputes results from samples.jsonl alo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +30,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -36,12 +40,14 @@ from ml_collections import config_flags
 from jaxground import store
 from jaxground.data.objects import token_ids, vocabulary_for
 from jaxground.data.coco import read_jsonl, write_jsonl
-from jaxground.data.processor import TOKENIZER_FILES, Processor, load_tokenizer, make_processor
-from jaxground.eval import report, tasks
+from jaxground.data.processor import (TOKENIZER_FILES, Processor, clip_image_processor,
+                                      load_tokenizer)
+from jaxground.eval import protocols, report, tasks
 from jaxground.inference.batching import DecodeSettings, generate_all, score_all
+from jaxground.models.config import dtype_of
 from jaxground.training import sharding
 from jaxground.training.checkpoint import TRAIN_CONFIG_FILE, is_workdir, latest_step
-from jaxground.training.config import default_config, validate_eval
+from jaxground.training.config import default_config, validate_eval, with_eval_defaults
 
 log = logging.getLogger("jaxground.evaluate")
 
@@ -63,74 +69,98 @@ def define_flags() -> None:
 
 
 SAMPLES_FILE, RESULTS_FILE, REPORT_FILE = "samples.jsonl", "results.json", "report.md"
+ANSWERS_FILE = "answers.jsonl"  # pope / mme: {"question_id", "prompt", "text"}, LLaVA's format
 
 
 # ---- config, model, processor --------------------------------------------------------------
 def resolve_config(workdir: str, given) -> ml_collections.ConfigDict:
-    """The given config, else the workdir's training config, else the defaults; the eval
-    section always present (configs written before it existed get the defaults)."""
-    cfg = default_config()
+    """The given config, else the workdir's training config, else (a converted checkpoint)
+    the defaults under the `llava_1_5` protocol; every eval field present (configs written
+    before a field existed get its default)."""
     saved = os.path.join(workdir, TRAIN_CONFIG_FILE)
     if given is not None:
         cfg = given
     elif os.path.exists(saved):
         with open(saved) as f:
             cfg = ml_collections.ConfigDict(json.load(f))
-    if "eval" not in cfg:
-        cfg.unlock()
-        cfg.eval = default_config().eval
+    else:  # a converted LLaVA checkpoint: evaluate it the way its authors did
+        cfg = default_config()
+        cfg.eval.protocol = "llava_1_5"
+    cfg = with_eval_defaults(cfg)
     validate_eval(cfg.eval)
+    protocols.resolve(cfg)  # an unknown protocol or parser fails here, naming the field
     return cfg
 
 
 def load_model(workdir: str, cfg, step: int | None):
     """The model placed on the config's mesh (parameters sharded by the logical-axis
-    table; activations follow the parameters)."""
+    table; activations follow the parameters), in `eval.dtype` when set."""
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    model = store.load(workdir, step=step)
+    dtype = cfg.eval.dtype or None
+    model = store.load(workdir, dtype=dtype, step=step)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
+    if dtype:  # training checkpoints restore in their stored dtype: cast the floats
+        params = jax.tree.map(
+            lambda x: x.astype(dtype_of(dtype)) if jnp.issubdtype(x.dtype, jnp.floating)
+            else x, params)
     nnx.replace_by_pure_dict(state, jax.device_put(params,
                                                    sharding.tree_shardings(params, mesh)))
     return nnx.merge(graphdef, state), mesh
 
 
-def load_eval_processor(workdir: str, cfg, config) -> Processor:
+def load_eval_processor(workdir: str, cfg, config, protocol: protocols.Protocol) -> Processor:
+    """The processor of the evaluation protocol: its prompt template and image handling,
+    not necessarily the training data's."""
     source = workdir
     if not any(os.path.exists(os.path.join(workdir, n)) for n in TOKENIZER_FILES):
         source = cfg.model.get("init_from") or workdir  # fine-tunes keep the base's tokenizer
-    return make_processor(load_tokenizer(source), config, cfg.data, source,
-                          max_length=1 << 20)  # evaluation never truncates a prompt
+    return Processor(load_tokenizer(source),
+                     clip_image_processor(config.vision.image_size, source),
+                     config.image_seq_length, config.image_token_id, protocol.template,
+                     protocol.pad_to_square,
+                     max_length=1 << 20)  # evaluation never truncates a prompt
 
 
-def decode_settings(e, short: bool) -> DecodeSettings:
-    return DecodeSettings(max_new_tokens=e.answer_tokens if short else e.max_new_tokens,
+def decode_settings(e, protocol: protocols.Protocol, task: str) -> DecodeSettings:
+    short = task in ("pope", "mme")
+    tokens = ((protocol.mme_answer_tokens if task == "mme" else protocol.answer_tokens)
+              if short else protocol.caption_tokens)
+    return DecodeSettings(max_new_tokens=tokens,
                           temperature=e.temperature, top_p=e.top_p, seed=e.seed,
                           guidance=e.guidance if e.guided and not short else None,
                           guidance_top_k=e.guidance_top_k, guidance_score=e.guidance_score,
-                          flag_threshold=e.flag_threshold)
+                          flag_threshold=e.flag_threshold,
+                          contrast=e.contrast or None, contrast_alpha=e.contrast_alpha,
+                          contrast_beta=e.contrast_beta,
+                          contrast_noise_step=e.contrast_noise_step)
 
 
-def task_data(task: str, data: str, cfg, images: str | None) -> tasks.TaskData:
+def task_data(task: str, data: str, cfg, protocol: protocols.Protocol, images: str | None,
+              out: str) -> tasks.TaskData:
     e = cfg.eval
     split = e.split or None
+    suffix = protocol.short_answer_suffix
     if task == "pope":
-        return tasks.pope_data(data, images, e.limit, e.seed, split)
+        return tasks.pope_data(data, images, e.limit, e.seed, split, suffix)
     if task == "mme":
         return tasks.mme_data(data, e.limit)
     if task == "grounding" and os.path.isfile(data):
-        return tasks.given_caption_data(data, tasks.caption_prompt(cfg), images, e.limit)
-    return tasks.caption_data(data, tasks.caption_prompt(cfg), e.limit, split)
+        return tasks.given_caption_data(data, protocol.caption_prompt, images, e.limit)
+    if task == "chair":
+        ids = tasks.chair_image_ids(data, split, e.image_ids or None, e.chair_images, e.seed,
+                                    os.path.join(out, tasks.IMAGE_IDS_FILE))
+        return tasks.caption_data(data, protocol.caption_prompt, e.limit, split, ids)
+    return tasks.caption_data(data, protocol.caption_prompt, e.limit, split)
 
 
 # ---- running ------------------------------------------------------------------------------
-def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_path: str
-                ) -> tuple[list[dict], dict]:
+def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_path: str,
+                settings: DecodeSettings) -> tuple[list[dict], dict]:
     """Generates every prompt in batches with a progress bar; returns (samples, stats)."""
     from tqdm import tqdm
 
     e = cfg.eval
-    settings = decode_settings(e, data.short_answers)
     given = bool(data.prompts) and data.prompts[0].answer is not None
     objects = guidance_tokens = None
     if not data.short_answers and not given:
@@ -167,21 +197,25 @@ def run_samples(model, processor: Processor, data: tasks.TaskData, cfg, data_pat
                      "decode": settings.__dict__}
 
 
-def score_samples(task: str, samples: list[dict], data: str, cfg, tokenizer) -> dict:
+def score_samples(task: str, samples: list[dict], data: str, cfg,
+                  protocol: protocols.Protocol, tokenizer) -> dict:
     e = cfg.eval
     if task == "pope":
-        return tasks.score_pope(samples)
+        return tasks.score_pope(samples, protocol.pope_parser)
     if task == "mme":
-        return tasks.score_mme(samples)
+        return tasks.score_mme(samples, protocol.mme_parser)
     if task == "chair":
-        return tasks.score_chair(samples, data, e.split or None)
+        return tasks.score_chair(samples, data, e.split or None, e.chair_matcher)
     return tasks.score_grounding(samples, tokenizer, data, e.split or None, e.flag_threshold)
 
 
 def output_dir(workdir: str, task: str, data: str, cfg) -> str:
-    """WORKDIR/eval/<task>, with "-guided" when captions are generated with guidance."""
+    """WORKDIR/eval/<task>, with "-guided" when captions are generated with guidance and
+    "-vcd" with visual contrastive decoding."""
     guided = cfg.eval.guided and task in ("chair", "grounding") and os.path.isdir(data)
-    return os.path.join(workdir, "eval", task + ("-guided" if guided else ""))
+    contrast = cfg.eval.get("contrast", "")
+    return os.path.join(workdir, "eval", task + ("-guided" if guided else "")
+                        + (f"-{contrast}" if contrast else ""))
 
 
 def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = None,
@@ -195,10 +229,12 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
     if not os.path.exists(data):
         raise FileNotFoundError(f"--data {data} does not exist")
     cfg = resolve_config(workdir, cfg)
+    protocol = protocols.resolve(cfg)
+    log.info("protocol %s", protocol.describe())
     out = out or output_dir(workdir, task, data, cfg)
     os.makedirs(out, exist_ok=True)
     config = store.read_config(workdir)
-    processor = load_eval_processor(workdir, cfg, config)
+    processor = load_eval_processor(workdir, cfg, config, protocol)
     samples_path = os.path.join(out, SAMPLES_FILE)
     if rescore:
         if not os.path.exists(samples_path):
@@ -206,15 +242,19 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
                                     "without --rescore")
         samples, stats = read_jsonl(samples_path), _kept_stats(out)
     else:
+        task_inputs = task_data(task, data, cfg, protocol, images, out)
         model, mesh = load_model(workdir, cfg, step)
         with jax.set_mesh(mesh):
-            samples, stats = run_samples(model, processor,
-                                         task_data(task, data, cfg, images), cfg, data)
+            samples, stats = run_samples(model, processor, task_inputs, cfg, data,
+                                         decode_settings(cfg.eval, protocol, task))
         write_jsonl(samples, samples_path)
-    metrics = score_samples(task, samples, data, cfg, processor.tokenizer)
+        if task in ("pope", "mme"):  # LLaVA's answer-file format, for its scripts too
+            write_jsonl(tasks.llava_answers(samples), os.path.join(out, ANSWERS_FILE))
+    metrics = score_samples(task, samples, data, cfg, protocol, processor.tokenizer)
     step = stats.pop("step", step)
     results = {"task": task, "checkpoint": os.path.abspath(workdir),
                "step": step if step is not None else _latest_step(workdir),
+               "protocol": dataclasses.asdict(protocol), "dtype": cfg.eval.dtype or None,
                "data": os.path.abspath(data), "samples": len(samples),
                "failed": sum("error" in s for s in samples), **stats, "metrics": metrics}
     heads = bool(config.grounded_layers)
@@ -268,6 +308,7 @@ def main(argv) -> None:
     if not f.workdir or not f.task or not f.data:
         raise app.UsageError("--workdir, --task and --data are required")
     results = evaluate(f.workdir, f.task, f.data, f.config, f.step, f.images, f.out, f.rescore)
+    print(f"protocol {protocols.Protocol(**results['protocol']).describe()}")
     print(report.task_summary(results))
 
 

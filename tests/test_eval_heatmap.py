@@ -238,7 +238,8 @@ def test_sample_page(tmp_path):
     assert sorted(os.listdir(folder)) == ["heatmap_0001.png", "heatmap_0003.png",
                                           "image.png", "index.html"]
     assert Image.open(folder / "image.png").size == (48, 48)
-    assert Image.open(folder / "heatmap_0001.png").size == (48, 48 + heatmap.TITLE_PX)
+    assert Image.open(folder / "heatmap_0001.png").size == (
+        48, heatmap.TITLE_PX + 48 + heatmap.COLOUR_BAR_PX)          # title, image, colour bar
     _, p = _parse(html_path)
     attrs = [a for a, _ in p.spans]
     assert [a.get("data-heatmap") for a in attrs] == [None, "heatmap_0001.png", None,
@@ -246,9 +247,69 @@ def test_sample_page(tmp_path):
     assert "flag" in attrs[3]["class"].split()
     assert p.view["data-plain"] == "image.png"
     # the heatmap for " cat" is hot in the centre patch
-    hm = np.asarray(Image.open(folder / "heatmap_0001.png").convert("RGB"))[heatmap.TITLE_PX:]
+    hm = np.asarray(Image.open(folder / "heatmap_0001.png").convert("RGB"))[
+        heatmap.TITLE_PX:heatmap.TITLE_PX + 48]
     base = Image.open(folder / "image.png").convert("RGB")
     assert np.argmax(_patch_diff(hm, base, 3)) == 4
+
+
+def _bar_rows(png, top):
+    """Rows of the strip from `top` down holding a left-to-right colour gradient: the
+    colour bar's rows (indices from `top`)."""
+    strip = np.asarray(png, dtype=np.float64)[top:]
+    w = strip.shape[1]
+    left, right = strip[:, int(w * 0.1)], strip[:, int(w * 0.9)]
+    return [r for r in range(strip.shape[0])
+            if left[r, 0] > left[r, 1] + 60 and right[r, 1] > right[r, 0] + 60]
+
+
+def test_overlay_colour_bar_shows_scale_and_meaning(tmp_path):
+    """A labelled heatmap has a colour bar under the image: red (least) -> green (most), the
+    map's range at its ends, what the values are under it; the image part is unchanged."""
+    img = _image(w=336, h=336)
+    m = _hot_map(4, 6, low=-0.125, high=0.75)
+    plain = Image.open(heatmap.overlay_png(img, m, str(tmp_path / "p.png"))).convert("RGB")
+    label = heatmap.PATCH_EVIDENCE["similarity"]
+    barred = Image.open(heatmap.overlay_png(img, m, str(tmp_path / "b.png"),
+                                            colour_bar=label)).convert("RGB")
+    assert barred.size == (336, 336 + heatmap.COLOUR_BAR_PX) and plain.size == (336, 336)
+    arr = np.asarray(barred)
+    assert np.array_equal(arr[:336], np.asarray(plain))
+    rows = _bar_rows(barred, 336)
+    assert len(rows) >= 8, "no red-to-green colour bar under the image"
+    strip = arr[336:]
+    below = strip[max(rows) + 1:]
+    assert (below < 100).all(-1).sum() > 100                    # tick values and label text
+    # The ticks and the label come from the values and the label given: change either and
+    # the strip changes.
+    other = np.asarray(Image.open(heatmap.overlay_png(
+        img, m, str(tmp_path / "o.png"), colour_bar=heatmap.PATCH_EVIDENCE["cross_attention"]
+    )).convert("RGB"))[336:]
+    wider = np.asarray(Image.open(heatmap.overlay_png(
+        img, m * 10, str(tmp_path / "w.png"), colour_bar=label)).convert("RGB"))[336:]
+    assert not np.array_equal(other, strip) and not np.array_equal(wider, strip)
+    assert "cosine" in label and "unitless" in label
+    # Every head's label fits the width (no text cut at the edges), long ones shrunk to fit.
+    for i, text in enumerate([*heatmap.PATCH_EVIDENCE.values(), "x" * 90]):
+        s = np.asarray(Image.open(heatmap.overlay_png(
+            img, m, str(tmp_path / f"l{i}.png"), colour_bar=text)).convert("RGB"))[336:]
+        edges = np.concatenate([s[:, :2], s[:, -2:]], axis=1)
+        assert not (edges < 100).all(-1).any(), text
+
+
+def test_sample_page_heatmaps_have_colour_bars_and_legend(tmp_path):
+    tokens = ["a", " ring"]
+    html_path = heatmap.sample_page(str(tmp_path), "s", _image(w=64, h=64), tokens,
+                                    [None, 1.5], [None, _hot_map(4, 5)], size=336,
+                                    evidence=heatmap.PATCH_EVIDENCE["similarity"])
+    png = Image.open(tmp_path / "s" / "heatmap_0001.png").convert("RGB")
+    assert png.size == (336, heatmap.TITLE_PX + 336 + heatmap.COLOUR_BAR_PX)
+    assert len(_bar_rows(png, heatmap.TITLE_PX + 336)) >= 8
+    text = open(html_path, encoding="utf-8").read()
+    assert "bar heat" in text and "colour bar" in text
+    assert heatmap.PATCH_EVIDENCE["similarity"] in text
+    # Only characters every default font has: no symbol glyphs, literal or CSS-escaped.
+    assert text.isascii() and not re.search(r"content:\s*\"\\[0-9a-fA-F]", text)
 
 
 def test_sample_page_length_mismatch_raises(tmp_path):

@@ -1,9 +1,11 @@
 """Image + prompt -> model inputs: pixel_values, token ids, LM labels, grounding labels.
 
 Images go through transformers' `CLIPImageProcessor` (PIL backend: no torchvision), after
-LLaVA-1.5's optional pad-to-square with the mean colour. Prompts follow LLaVA's way of
-tokenising: the text around `<image>` is tokenised in chunks and the image placeholder is
-expanded to exactly `image_seq_length` image-token ids, so text can never merge into it.
+LLaVA-1.5's optional pad-to-square with its fill colour (`expand2square` with
+`int(255 * mean)` per channel). A prompt is one string, `<image>` included, tokenised in one
+call (as HF's LlavaProcessor and LLaVA's training do with a whole conversation): tokenising
+pieces separately lets tokenizers that prepend "▁" to every call insert stray tokens.
+The single `<image>` token is then expanded to exactly `image_seq_length` image-token ids.
 Only the assistant's answer (and its end-of-sequence token) carries LM labels; grounding
 labels come from character spans through the fast tokenizer's offsets.
 """
@@ -18,8 +20,11 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IGNORE = -100
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's "
+IMAGE_TOKEN = "<image>"
+# LLaVA's conv_vicuna_v1 (llava/conversation.py), the format LLaVA-1.5 was tuned and is
+# evaluated in. ("human" is conv_vicuna_v0's / conv_llava_v1's wording, not this one's.)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
                  "questions.")
 
 
@@ -36,7 +41,7 @@ class Template:
 TEMPLATES = {
     # The llava-hf chat format: "USER: <image>\n{q} ASSISTANT:"
     "hf": Template("USER: ", " ASSISTANT:"),
-    # LLaVA's original conv_vicuna_v1: system prompt, " " and "</s>" separators.
+    # LLaVA's conv_vicuna_v1: "{system} USER: <image>\n{q} ASSISTANT:", answers end in </s>.
     "vicuna_v1": Template(VICUNA_SYSTEM + " USER: ", " ASSISTANT:"),
 }
 
@@ -67,6 +72,12 @@ def open_image(path: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"image file {path} cannot be decoded: {e}") from e
     return to_rgb(image)
+
+
+def llava_fill(image_mean) -> tuple[int, ...]:
+    """LLaVA-1.5's pad colour, `tuple(int(x * 255) for x in image_processor.image_mean)`:
+    truncated, not rounded ((122, 116, 104) for CLIP's mean, not (123, 117, 104))."""
+    return tuple(int(x * 255) for x in image_mean)
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -114,61 +125,83 @@ class Processor:
         for im in images:
             im = open_image(im) if isinstance(im, (str, os.PathLike)) else to_rgb(im)
             if self.pad_to_square:
-                mean = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
-                im = expand_to_square(im, mean)
+                im = expand_to_square(im, llava_fill(self.image_processor.image_mean))
             prepared.append(im)
         out = self.image_processor(images=prepared, return_tensors="np")["pixel_values"]
         return np.asarray(out, np.float32)
 
     # ---- text -----------------------------------------------------------------------------
-    def _tokens(self, text: str):
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), list(enc["offset_mapping"])
+    def prompt_text(self, question: str) -> str:
+        """The whole prompt string, e.g. "USER: <image>\\n{question} ASSISTANT:"."""
+        t = self.template
+        return f"{t.before_image}{IMAGE_TOKEN}\n{question}{t.after_question}"
 
     @staticmethod
-    def _labels_from_spans(offsets, spans, n: int) -> list[int]:
-        """Per-token grounding label: a token overlapping span [a, b) gets its label."""
+    def _labels_from_spans(offsets, spans, shift: int, n: int) -> list[int]:
+        """Per-token grounding label: a token overlapping span [a, b) (+ shift) gets it."""
         labels = [-1] * n
         for a, b, label, *_ in spans or ():
+            a, b = a + shift, b + shift
             for i, (s, e) in enumerate(offsets):
                 if s < b and e > a and e > s:
                     labels[i] = int(label)
         return labels
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of `text`, tokenised in one call, with its single
+        `<image>` expanded to `image_seq_length` image tokens and the BOS in front."""
+        tok = self.tokenizer
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        at = [i for i, x in enumerate(ids) if x == self.image_token_id]
+        if len(at) != 1:
+            mapped = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+            raise ValueError(
+                f"expected one {IMAGE_TOKEN} token (id {self.image_token_id}) in the tokenised "
+                f"prompt, found {len(at)}: the tokenizer maps {IMAGE_TOKEN!r} to {mapped!r}"
+                f"{'' if mapped == self.image_token_id else ' (add it as a special token with the model image_token_id)'}"
+                f"; prompt {text[:200]!r}")
+        i = at[0]
+        ids[i:i + 1] = [self.image_token_id] * self.image_seq_length
+        offsets[i:i + 1] = [offsets[i]] * self.image_seq_length
+        if tok.bos_token_id is not None:
+            ids, offsets = [tok.bos_token_id] + ids, [(0, 0)] + offsets
+        return ids, offsets
 
     def encode(self, question: str, answer: str | None = None, question_spans=None,
                answer_spans=None, on_too_long: str = "error") -> dict | None:
         """One example. Spans are [start, end, label, ...] over `question` / `answer`.
 
         Returns input_ids, labels (LM; answer + EOS only), grounding_labels (1/0/-1), all
-        [T] int32 lists, or None when too long and `on_too_long == "drop"`.
+        [T] int32 lists, or None when too long and `on_too_long == "drop"`. The prompt ids
+        are those of the whole prompt string; with an answer, the whole conversation
+        "prompt answer_sep answer" is tokenised at once and the answer is every token that
+        ends after the prompt.
         Truncation only ever removes answer tokens from the end, never image tokens or the
         prompt: a prompt that does not fit is an error (or a drop).
         """
-        t = self.template
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        before, _ = self._tokens(t.before_image)
-        q_ids, q_offsets = self._tokens("\n" + question)
-        q_offsets = [(s - 1, e - 1) for s, e in q_offsets]  # spans index `question` itself
-        after, _ = self._tokens(t.after_question)
-        prompt = (bos + before + [self.image_token_id] * self.image_seq_length + q_ids + after)
-        g_prompt = ([-1] * (len(bos) + len(before) + self.image_seq_length)
-                    + self._labels_from_spans(q_offsets, question_spans, len(q_ids))
-                    + [-1] * len(after))
-        ids, labels, g = list(prompt), [IGNORE] * len(prompt), list(g_prompt)
+        t, tok = self.template, self.tokenizer
+        prompt = self.prompt_text(question)
+        text = prompt if answer is None else prompt + t.answer_sep + answer
+        ids, offsets = self._tokenize(text)
+        n_prompt = next((i for i, (_, e) in enumerate(offsets) if e > len(prompt)), len(ids))
+        g = self._labels_from_spans(offsets, question_spans,
+                                    len(t.before_image) + len(IMAGE_TOKEN) + 1, len(ids))
         if answer is not None:
-            a_ids, a_offsets = self._tokens(t.answer_sep + answer)
-            shift = len(t.answer_sep)
-            a_offsets = [(s - shift, e - shift) for s, e in a_offsets]
-            eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-            ids += a_ids + eos
-            labels += a_ids + eos
-            g += self._labels_from_spans(a_offsets, answer_spans, len(a_ids)) + [-1] * len(eos)
+            answer_g = self._labels_from_spans(offsets, answer_spans,
+                                               len(prompt) + len(t.answer_sep), len(ids))
+            g = g[:n_prompt] + answer_g[n_prompt:]
+        image = [i for i, x in enumerate(ids) if x == self.image_token_id]
+        for i in image:
+            g[i] = -1
+        labels = [IGNORE] * n_prompt + ids[n_prompt:]
+        if answer is not None and tok.eos_token_id is not None:
+            ids, labels, g = ids + [tok.eos_token_id], labels + [tok.eos_token_id], g + [-1]
         if len(ids) > self.max_length:
-            if len(prompt) >= self.max_length:
+            if n_prompt >= self.max_length:
                 if on_too_long == "drop":
                     return None
-                raise ValueError(f"prompt of {len(prompt)} tokens ({self.image_seq_length} image "
+                raise ValueError(f"prompt of {n_prompt} tokens ({self.image_seq_length} image "
                                  f"tokens) does not fit max_length={self.max_length}; "
                                  "truncating would cut into the prompt or image tokens")
             ids, labels, g = (x[:self.max_length] for x in (ids, labels, g))

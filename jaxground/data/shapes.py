@@ -127,9 +127,17 @@ def phantoms(objects, cfg: WorldConfig, rng: random.Random) -> list[tuple[str, s
             if a in here and b not in here and rng.random() < cfg.caption_bias]
 
 
+def article(word: str) -> str:
+    """"an" before a vowel sound ("an orange ring"), else "a". Every colour and shape word of
+    this world is spelled as it sounds, so the first letter decides."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def caption(objects, rng: random.Random) -> str:
-    """'a red circle and a blue square .' (objects in a random order)."""
-    parts = [f"a {colour} {shape}" for shape, colour, _ in rng.sample(objects, len(objects))]
+    """'a red circle and an orange ring .' (objects in a random order; the partners a biased
+    caption names come through here too, so they get the right article as well)."""
+    parts = [f"{article(colour)} {colour} {shape}"
+             for shape, colour, _ in rng.sample(objects, len(objects))]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{rng.choice(['there is', 'the image shows', 'i see'])} {body} ."
 

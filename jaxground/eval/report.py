@@ -165,6 +165,8 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
             patch_scores=[patches[t] if t in mention_tokens else None
                           for t in range(len(pieces))],
             flagged=flagged, size=HEATMAP_SIZE,
+            evidence=heatmap.PATCH_EVIDENCE.get(config.grounding.type,
+                                                heatmap.PATCH_EVIDENCE_DEFAULT),
             title=f"image {s['image_id']}: hallucinated {sorted(hallucinated) or 'none'}")
         pages.append(os.path.relpath(page, out))
         for m in mentions:
@@ -176,40 +178,112 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
 
 
 # ---- the demo's report ------------------------------------------------------------------
-DEMO_ROWS = (("chair_s", "CHAIR_s (captions with a hallucination) ↓"),
-             ("chair_i", "CHAIR_i (hallucinated mentions) ↓"),
-             ("recall", "object recall ↑"),
-             ("mean_length", "caption length (words)"),
-             ("pope_random_f1", "POPE random F1 ↑"),
-             ("pope_popular_f1", "POPE popular F1 ↑"),
-             ("pope_adversarial_f1", "POPE adversarial F1 ↑"),
-             ("token_auroc", "token AUROC of the grounding score ↑"),
-             ("token_auroc_nll", "token AUROC of -NLL (baseline)"),
-             ("train_seconds", "training seconds"))
-DEMO_MODELS = ("ungrounded", "grounded", "guided")
+# Its columns, in this order; a model absent from the results is left out.
+DEMO_MODELS = (("ungrounded", "ungrounded (λ = 0)"),
+               ("vcd", "ungrounded + VCD"),
+               ("grounded", "grounded (λ = 1)"),
+               ("guided", "grounded + guided"))
+# (key, label, kind); kind picks the cell format (see _cell).
+DEMO_ROWS = (("chair_s", "CHAIR_s (captions with a hallucination) ↓", "fraction"),
+             ("chair_i", "CHAIR_i (hallucinated mentions) ↓", "fraction"),
+             ("recall", "object recall ↑", "fraction"),
+             ("mean_length", "caption length (words, mean)", "words"),
+             ("pope_random_f1", "POPE random F1 ↑", "fraction"),
+             ("pope_popular_f1", "POPE popular F1 ↑", "fraction"),
+             ("pope_adversarial_f1", "POPE adversarial F1 ↑", "fraction"),
+             ("token_auroc", "token AUROC of the grounding score ↑", "fraction"),
+             ("token_auroc_nll", "token AUROC of -NLL (baseline)", "fraction"),
+             ("mentions", "object mentions: hallucinated / all", "mentions"),
+             ("train_seconds", "training time", "seconds"))
+MISSING = "—"  # a cell without a value (an em dash: in every default font)
+# What a target's status reads as (plain words: no glyph a browser's fonts may lack).
+STATUS = {True: "met", False: "missed", None: "n/a"}
+
+
+def _number(x) -> float | None:
+    if x is None or isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _seconds(x: float) -> str:
+    """262.4 -> '262 s'; from a minute on with minutes too: '262 s (4 min 22 s)'."""
+    s = round(x)
+    return f"{s} s" if s < 60 else f"{s} s ({s // 60} min {s % 60} s)"
+
+
+def _cell(values: dict, key: str, kind: str) -> str:
+    """One table cell: fractions (metrics in [0, 1]) with 3 decimals, the mean caption length
+    with 1, counts and seconds as integers, MISSING where there is no value."""
+    if kind == "mentions":
+        bad, total = (_number(values.get(k)) for k in ("hallucinated_mentions", "mentions"))
+        return MISSING if bad is None or total is None else f"{bad:.0f} / {total:.0f}"
+    x = _number(values.get(key))
+    if x is None:
+        return MISSING
+    if kind == "fraction":
+        return f"{x:.3f}"
+    if kind == "words":
+        return f"{x:.1f}"
+    if kind == "seconds":
+        return f"{round(x)} s"
+    return f"{x:.0f}"  # counts
+
+
+def demo_models(results: dict) -> list[tuple[str, str]]:
+    """(key, column label) of the models present in `results`, in DEMO_MODELS' order."""
+    return [(m, label) for m, label in DEMO_MODELS if m in results]
+
+
+def demo_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The demo table as text: header and rows (first cell the row's label). Rows no
+    present model has a value for (e.g. POPE before it was run) are left out."""
+    models = demo_models(results)
+    rows = []
+    for key, label, kind in DEMO_ROWS:
+        cells = [_cell(results[m], key, kind) for m, _ in models]
+        if any(c != MISSING for c in cells):
+            rows.append([label] + cells)
+    return [""] + [label for _, label in models], rows
 
 
 def demo_table(results: dict) -> str:
-    rows = [[label] + [results[m].get(key) for m in DEMO_MODELS] for key, label in DEMO_ROWS]
-    for r in rows:
-        if r[0] == "training seconds":
-            r[1:] = [None if v is None else round(v, 1) for v in r[1:]]
-    return _table(["", "ungrounded (λ = 0)", "grounded (λ = 1)", "grounded + guided decoding"],
-                  rows)
+    header, rows = demo_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def demo_checks(results: dict) -> list[tuple[str, bool, str]]:
-    """The demo issue's targets: (what, met, the numbers)."""
-    u, g, d = (results[m] for m in DEMO_MODELS)
+def _value(results: dict, model: str, key: str) -> float | None:
+    return _number(results.get(model, {}).get(key))
+
+
+def demo_checks(results: dict) -> list[tuple[str, bool | None, str]]:
+    """The demo issue's targets: (what, met, the numbers); met is None where the results lack
+    what a target compares (that model or metric was not evaluated)."""
+    def check(what, a, b, ok, nums):
+        if a is None or b is None:
+            return (what, None, "not evaluated")
+        return (what, bool(ok(a, b)), nums(a, b))
+
+    v = lambda m, k: _value(results, m, k)  # noqa: E731
     return [
-        ("guided CHAIR_i ≤ half the ungrounded model's", d["chair_i"] <= 0.5 * u["chair_i"],
-         f"{d['chair_i']:.4f} vs {u['chair_i']:.4f}"),
-        ("guided object recall ≥ 0.9 × ungrounded", d["recall"] >= 0.9 * u["recall"],
-         f"{d['recall']:.4f} vs {u['recall']:.4f}"),
-        ("grounded POPE-adversarial F1 ≥ ungrounded + 5 points",
-         g["pope_adversarial_f1"] >= u["pope_adversarial_f1"] + 0.05,
-         f"{g['pope_adversarial_f1']:.4f} vs {u['pope_adversarial_f1']:.4f}"),
-        ("grounded token AUROC ≥ 0.95", g["token_auroc"] >= 0.95, f"{g['token_auroc']:.4f}"),
+        check("guided CHAIR_i ≤ half the ungrounded model's",
+              v("guided", "chair_i"), v("ungrounded", "chair_i"), lambda d, u: d <= 0.5 * u,
+              lambda d, u: f"{d:.3f} (guided) vs {u:.3f} (ungrounded)"),
+        check("guided object recall ≥ 0.9 × ungrounded",
+              v("guided", "recall"), v("ungrounded", "recall"), lambda d, u: d >= 0.9 * u,
+              lambda d, u: f"{d:.3f} (guided) vs {u:.3f} (ungrounded)"),
+        check("grounded POPE-adversarial F1 ≥ ungrounded + 5 points",
+              v("grounded", "pope_adversarial_f1"), v("ungrounded", "pope_adversarial_f1"),
+              lambda g, u: g >= u + 0.05,
+              lambda g, u: f"{g:.3f} (grounded) vs {u:.3f} (ungrounded), "
+                           f"{100 * (g - u):+.1f} points"),
+        check("grounded token AUROC ≥ 0.95", v("grounded", "token_auroc"), 0.95,
+              lambda g, t: g >= t, lambda g, t: f"{g:.3f}"),
     ]
 
 
@@ -235,7 +309,7 @@ def training_curves(out: str, runs: dict[str, str], path: str) -> str:
             if pts:
                 ax.plot(*zip(*pts), label=name, marker="o" if split == "eval" else None)
             ax.set_title(title)
-            ax.set_xlabel("step")
+            ax.set_xlabel("training step")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -254,64 +328,101 @@ def _contrasting(examples: list[dict]) -> list[dict]:
     return [firsts[k] for k in (False, True) if k in firsts]
 
 
+def _describe(settings: dict) -> str:
+    """The paragraph under the report's title: what was trained, on what, how long."""
+    world = (f"{settings['train_images']} training images (captions: annotators' co-occurrence "
+             f"bias {settings['caption_bias']:g}), {settings['heldout_images']} held-out images "
+             "(faithful captions, another seed)")
+    text = (f"Two tiny LLaVAs, same initialisation and data order, {settings['steps']} steps "
+            f"each; {world}. Guided decoding: argmax log p + alpha * log sigmoid(grounding "
+            f"logit) over the top-{settings['guidance_top_k']} candidates, alpha = "
+            f"{settings['guidance']:g}, on object words and the attribute words before them.")
+    vcd = settings.get("vcd")
+    if vcd:
+        params = (", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                            for k, v in vcd.items()) if isinstance(vcd, dict) else str(vcd))
+        text += (" Ungrounded + VCD: the ungrounded model with visual contrastive decoding "
+                 f"(Leng et al. 2024), {params}.")
+    return text + f" Whole demo: {_seconds(settings['seconds'])}."
+
+
 def demo_report(out: str, results: dict, settings: dict) -> dict:
-    """Writes OUT/results.json, OUT/curves.png, OUT/report.md and OUT/report.html."""
+    """Writes OUT/results.json, OUT/curves.png, OUT/report.md and OUT/report.html.
+
+    results: {model: metrics} for the models of DEMO_MODELS present (absent ones are left
+    out; missing metrics show as MISSING); training curves are read from OUT/<model>/ for
+    the trained models, grounded and ungrounded. settings: steps, train_images,
+    heldout_images, caption_bias, guidance, guidance_top_k, seconds (the whole demo's), and
+    optionally vcd (VCD's parameters, a dict)."""
     import html
     import json
 
+    models = demo_models(results)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({m: {k: v for k, v in results[m].items()
-                       if k not in ("heatmaps", "heatmap_examples")}
-                   for m in ("grounded", "guided", "ungrounded")}, f, indent=1)
-    training_curves(out, {m: os.path.join(out, m) for m in ("grounded", "ungrounded")},
+                       if k not in ("heatmaps", "heatmap_examples")} for m, _ in models},
+                  f, indent=1)
+    trained = [m for m in ("grounded", "ungrounded") if m in results]
+    training_curves(out, {m: os.path.join(out, m) for m in trained},
                     os.path.join(out, "curves.png"))
     checks = demo_checks(results)
-    heatmaps = results["grounded"].get("heatmaps", []) + results["guided"].get("heatmaps", [])
-    world = (f"{settings['train_images']} training images (captions: annotators' co-occurrence "
-             f"bias {settings['caption_bias']}), {settings['heldout_images']} held-out images "
-             "(faithful captions, another seed)")
-    md = ["# jaxground demo: grounded vs ungrounded on the shapes world", "",
-          f"Two tiny LLaVAs, same initialisation and data order, {settings['steps']} steps each; "
-          f"{world}. Guided decoding: argmax log p + alpha * log sigmoid(grounding logit) over "
-          f"the top-{settings['guidance_top_k']} candidates, alpha = {settings['guidance']}, "
-          "on object words and the attribute words before them. Whole demo: {settings['seconds']:.0f} s.", "",
+    heatmaps = [p for m in ("grounded", "guided") for p in results.get(m, {}).get("heatmaps", [])]
+    shown = _contrasting(results.get("grounded", {}).get("heatmap_examples", []))
+    intro = _describe(settings)
+    heat_intro = ("Each page shows a generated caption with object words coloured by their "
+                  "grounding score; click a word to see which image patches support it. In a "
+                  "heatmap, red patches support the word least and green ones most; the colour "
+                  "bar under it gives the values (the per-patch evidence of the grounding head) "
+                  "over that map's range.")
+
+    md = ["# jaxground demo: grounded vs ungrounded on the shapes world", "", intro, "",
           demo_table(results), "", "## Targets", ""]
-    md += [f"- [{'x' if ok else ' '}] {what}: {nums}" for what, ok, nums in checks]
+    md += [f"- **{STATUS[ok]}** — {what}: {nums}" for what, ok, nums in checks]
     md += ["", "## Training curves", "", "![training curves](curves.png)", "",
-           "## Heatmaps (grounded model, held-out images)", "",
-           "Each page shows a generated caption with object words coloured by their grounding "
-           "score; click a word to see which image patches support it."]
-    shown = _contrasting(results["grounded"].get("heatmap_examples", []))
+           "## Heatmaps (grounded model, held-out images)", "", heat_intro]
     for e in shown:
         kind = "hallucinated" if e["hallucinated"] else "correctly named"
         md += ["", f"**{kind}**: \"{e['word']}\" in \"{e['caption']}\" (image {e['image_id']}, "
                f"grounding logit {e['grounding']:.2f})", "", f"![{e['word']}]({e['png']})"]
     md += ["", "All pages:"] + [f"- [{p}]({p})" for p in heatmaps]
-    with open(os.path.join(out, "report.md"), "w") as f:
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
-    head = ["ungrounded (λ = 0)", "grounded (λ = 1)", "grounded + guided"]
-    rows = "".join(
-        "<tr><th>" + html.escape(label) + "</th>" + "".join(
-            f"<td>{html.escape(_f(results[m].get(key)))}</td>" for m in DEMO_MODELS) + "</tr>"
-        for key, label in DEMO_ROWS)
-    checks_html = "".join(f"<li>{'✅' if ok else '❌'} {html.escape(what)}: "
-                          f"{html.escape(nums)}</li>" for what, ok, nums in checks)
-    links = "".join(
-        f'<figure style="display:inline-block;margin:0 1em"><img src="{html.escape(e["png"])}">'
+
+    esc = html.escape
+    header, table = demo_rows(results)
+    rows = "".join("<tr><th>" + esc(r[0]) + "</th>" + "".join(f"<td>{esc(c)}</td>" for c in r[1:])
+                   + "</tr>\n" for r in table)
+    checks_html = "".join(f'<li><span class="status {STATUS[ok].replace("/", "")}">'
+                          f"{STATUS[ok]}</span> {esc(what)}: {esc(nums)}</li>"
+                          for what, ok, nums in checks)
+    figures = "".join(
+        f'<figure><img src="{esc(e["png"])}" alt="{esc(e["word"])}">'
         f'<figcaption>{"hallucinated" if e["hallucinated"] else "correctly named"}: '
-        f'"{html.escape(e["word"])}" in "{html.escape(e["caption"])}" (logit '
-        f'{e["grounding"]:.2f})</figcaption></figure>' for e in shown)
-    links += "".join(f'<li><a href="{html.escape(p)}">{html.escape(p)}</a></li>'
-                     for p in heatmaps)
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>jaxground demo</title><style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
-th:first-child{{text-align:left}}iframe{{width:100%;height:560px;border:1px solid #ccc}}</style>
-</head><body><h1>jaxground demo: grounded vs ungrounded on the shapes world</h1>
-<p>{html.escape(md[2])}</p><table><tr><th></th>{''.join(f'<th>{h}</th>' for h in head)}</tr>
-{rows}</table><h2>Targets</h2><ul>{checks_html}</ul><h2>Training curves</h2>
-<img src="curves.png" style="max-width:100%"><h2>Heatmaps</h2><ul>{links}</ul>
-{f'<iframe src="{html.escape(heatmaps[0])}"></iframe>' if heatmaps else ''}</body></html>"""
-    with open(os.path.join(out, "report.html"), "w") as f:
+        f'"{esc(e["word"])}" in "{esc(e["caption"])}" (image {esc(str(e["image_id"]))}, '
+        f'grounding logit {e["grounding"]:.2f})</figcaption></figure>' for e in shown)
+    links = "".join(f'<li><a href="{esc(p)}">{esc(p)}</a></li>' for p in heatmaps)
+    iframe = f'<iframe src="{esc(heatmaps[0])}"></iframe>' if heatmaps else ""
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+             "table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             "th:first-child{text-align:left}"
+             ".status{font-weight:bold;display:inline-block;min-width:4em}"
+             ".met{color:#1a7f37}.missed{color:#c62828}.na{color:#666}"
+             "figure{display:inline-block;margin:0 1em;vertical-align:top;max-width:360px}"
+             "iframe{width:100%;height:640px;border:1px solid #ccc}")
+    page = "\n".join([
+        '<!doctype html><html><head><meta charset="utf-8">',
+        f"<title>jaxground demo</title><style>{style}</style></head><body>",
+        "<h1>jaxground demo: grounded vs ungrounded on the shapes world</h1>",
+        f"<p>{esc(intro)}</p>",
+        "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>",
+        rows + "</table>",
+        f"<h2>Targets</h2><ul>{checks_html}</ul>",
+        '<h2>Training curves</h2><img src="curves.png" alt="training curves" '
+        'style="max-width:100%">',
+        f"<h2>Heatmaps (grounded model, held-out images)</h2><p>{esc(heat_intro)}</p>",
+        f"{figures}<ul>{links}</ul>{iframe}",
+        "</body></html>", ""])
+    with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
         f.write(page)
     return {"md": os.path.join(out, "report.md"), "html": os.path.join(out, "report.html")}

@@ -13,12 +13,12 @@ generated ones "scored" and "flagged"; or "error" when its image could not be re
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 
 from jaxground.data.coco import STRATEGIES, load_coco, question_records
 from jaxground.data.objects import ObjectVocabulary, vocabulary_for
-from jaxground.data.pipeline import PipelineConfig
 from jaxground.eval import chair, grounding_auroc, mme, pope
 from jaxground.inference.batching import Prompt
 
@@ -38,10 +38,11 @@ def _limit(items: list, limit: int) -> list:
 
 # ---- reading data ------------------------------------------------------------------------
 def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: int = 0,
-              split: str | None = None) -> TaskData:
-    """POPE questions from official/jaxground JSONL files (a file, a comma-separated list or
-    a folder of them; images under `image_root`, default the file's folder), or built from a
-    COCO-format folder (random / popular / adversarial, seeded)."""
+              split: str | None = None, suffix: str = pope.PROMPT_SUFFIX) -> TaskData:
+    """POPE questions from POPE files (a file, a comma-separated list or a folder of them:
+    the official coco_pope_*.json, LLaVA's llava_pope_test.jsonl joined with them, or
+    jaxground question records; images under `image_root`, default the first file's folder),
+    or built from a COCO-format folder (random / popular / adversarial, seeded)."""
     if os.path.isdir(path) and os.path.isdir(os.path.join(path, "annotations")):
         index = load_coco(path, split)
         questions = list(question_records(index, vocabulary_for(index.categories), STRATEGIES,
@@ -49,10 +50,7 @@ def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: in
         root = path
     else:
         files = _files(path, (".json", ".jsonl"))
-        questions = [q for f in files for q in pope.read_pope_questions(f)]
-        if len(files) > 1:  # the official files each number their questions from 1
-            questions = [{**q, "question_id": f"{pope.question_split(q)}/{q['question_id']}"}
-                         for q in questions]
+        questions = pope.load_questions(files)
         root = image_root or os.path.dirname(files[0])
     questions = _limit(questions, limit)
     records, prompts = {}, []
@@ -60,23 +58,81 @@ def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: in
         key = str(q["question_id"])
         if key in records:
             raise ValueError(f"question_id {key!r} appears twice in {path}")
+        asked = pope.prompt(q["text"], suffix)
         records[key] = {"question_id": q["question_id"], "question": q["text"],
-                        "image": q["image"], "label": q["label"],
+                        "prompt": asked, "image": q["image"], "label": pope.question_label(q),
                         "split": pope.question_split(q), "object": q.get("object")}
-        prompts.append(Prompt(pope.prompt(q["text"]), os.path.join(root, q["image"]), key))
+        prompts.append(Prompt(asked, os.path.join(root, q["image"]), key))
     return TaskData(prompts, records, short_answers=True)
 
 
+IMAGE_IDS_FILE = "image_ids.json"
+
+
 def caption_prompt(cfg) -> str:
-    """The config's caption prompt: eval.caption_prompt, else the one training used."""
-    return cfg.eval.caption_prompt or PipelineConfig.caption_prompt
+    """The caption prompt of the config's evaluation protocol."""
+    from jaxground.eval import protocols
+
+    return protocols.resolve(cfg).caption_prompt
+
+
+def chair_image_ids(coco_dir: str, split: str | None, ids_file: str | None, n: int,
+                    seed: int, write_to: str | None = None) -> list:
+    """The images CHAIR captions: the ids listed in `ids_file` (a JSON list, JSON lines with
+    "image_id" such as OPERA's caption logs, or one id per line), else `n` images drawn
+    without replacement from the folder with `random.Random(seed)` (all of them when it
+    has no more than `n`), sorted. The list is written to `write_to` so a run can be
+    repeated on exactly the same images."""
+    index = load_coco(coco_dir, split)
+    if ids_file:
+        ids = read_image_ids(ids_file)
+        unknown = [i for i in ids if i not in index.images]
+        if unknown:
+            raise ValueError(f"{ids_file}: {len(unknown)} image id(s) are not in the COCO "
+                             f"annotations of {coco_dir}: {unknown[:10]}")
+        source = {"image_ids_file": os.path.abspath(ids_file)}
+    else:
+        ids = sorted(index.images)
+        if n and n < len(ids):
+            ids = sorted(random.Random(seed).sample(ids, n))
+        source = {"seed": seed, "drawn": n}
+    missing = [index.image_path(i) for i in ids
+               if not os.path.exists(os.path.join(coco_dir, index.image_path(i)))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image file(s) of the CHAIR image list are "
+                                f"missing under {coco_dir}: {missing[:10]}")
+    if write_to:
+        with open(write_to, "w") as f:
+            json.dump({**source, "coco_dir": os.path.abspath(coco_dir), "image_ids": ids}, f)
+    return ids
+
+
+def read_image_ids(path: str) -> list:
+    """Image ids from a JSON list (of ids or of records with "image_id"), a JSON object with
+    "image_ids", JSON lines with "image_id", or one id per line; numeric ids become ints."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image id list {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        data = [json.loads(line) if line.startswith("{") else line for line in lines]
+    if isinstance(data, dict):
+        data = data.get("image_ids", [data])
+    ids = [d["image_id"] if isinstance(d, dict) else d for d in data]
+    out = [int(i) if isinstance(i, str) and i.isdigit() else i for i in ids]
+    if not out:
+        raise ValueError(f"{path} lists no image ids")
+    return out
 
 
 def caption_data(coco_dir: str, caption_prompt: str, limit: int = 0,
-                 split: str | None = None) -> TaskData:
-    """One caption request per image of a COCO-format folder (CHAIR, grounding)."""
+                 split: str | None = None, image_ids: list | None = None) -> TaskData:
+    """One caption request per image of a COCO-format folder (all, or `image_ids`)."""
     index = load_coco(coco_dir, split)
-    image_ids = _limit(sorted(index.images), limit)
+    image_ids = _limit(sorted(index.images) if image_ids is None else list(image_ids), limit)
     records = {str(i): {"image_id": i, "image": index.image_path(i)} for i in image_ids}
     prompts = [Prompt(caption_prompt, os.path.join(coco_dir, index.image_path(i)), str(i))
                for i in image_ids]
@@ -112,11 +168,13 @@ def given_caption_data(path: str, caption_prompt: str, image_root: str | None = 
 
 
 def mme_data(root: str, limit: int = 0) -> TaskData:
+    """MME questions from its release folder; both questions of an image share LLaVA's
+    question_id, so records are keyed by the unique "key"."""
     questions = _limit(mme.read_mme(root), limit)
-    fields = ("question_id", "subtask", "image", "image_file", "question", "answer")
-    records = {q["question_id"]: {k: q[k] for k in fields} for q in questions}
-    prompts = [Prompt(mme.prompt(q["question"]), q["image"], q["question_id"])
-               for q in questions]
+    fields = ("question_id", "key", "subtask", "image", "image_file", "question", "prompt",
+              "answer")
+    records = {q["key"]: {k: q[k] for k in fields} for q in questions}
+    prompts = [Prompt(q["prompt"], q["image"], q["key"]) for q in questions]
     return TaskData(prompts, records, short_answers=True)
 
 
@@ -135,23 +193,30 @@ def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
 # ---- scoring ---------------------------------------------------------------------------
 def _answers(samples: list[dict]) -> list[dict]:
     """Answers of the samples that have one (failed images count as missing)."""
-    return [{"question_id": s["question_id"], "text": s["text"]} for s in samples
-            if "error" not in s]
+    return [{"question_id": s["question_id"], "prompt": s.get("prompt"), "text": s["text"]}
+            for s in samples if "error" not in s]
 
 
-def score_pope(samples: list[dict]) -> dict:
+def llava_answers(samples: list[dict]) -> list[dict]:
+    """Answer records in LLaVA's format ({"question_id", "prompt", "text"}): what
+    LLaVA's eval_pope.py / convert_answer_to_mme.py and our metric CLIs read."""
+    return _answers(samples)
+
+
+def score_pope(samples: list[dict], parser: str = "llava") -> dict:
     questions = [{**s, "category": s["split"]} for s in samples]
-    return pope.score_splits(questions, _answers(samples))
+    return pope.score_splits(questions, _answers(samples), parser=parser)
 
 
-def score_mme(samples: list[dict]) -> dict:
-    return mme.score(samples, _answers(samples))
+def score_mme(samples: list[dict], parser: str = "official") -> dict:
+    return mme.score(samples, _answers(samples), parser=parser)
 
 
-def score_chair(samples: list[dict], coco_dir: str, split: str | None = None) -> dict:
+def score_chair(samples: list[dict], coco_dir: str, split: str | None = None,
+                matcher: str = "reference") -> dict:
     captions = [{"image_id": s["image_id"], "caption": s["text"]} for s in samples
                 if "error" not in s]
-    result = chair.score_from_index(captions, load_coco(coco_dir, split))
+    result = chair.score_from_index(captions, load_coco(coco_dir, split), matcher=matcher)
     result["failed_images"] = [s["image_id"] for s in samples if "error" in s]
     return result
 
@@ -190,7 +255,10 @@ def grounding_truth(data: str, samples: list[dict], split: str | None = None):
     if os.path.isdir(data):
         index = load_coco(data, split)
         vocab = vocabulary_for(index.categories)
-        return vocab, lambda s: chair.ground_truth(index, vocab, s["image_id"])[1]
+        # Token labels need character spans, which only the clean matcher gives: the
+        # ground truth is read with the same matcher as the mentions it labels.
+        return vocab, lambda s: chair.ground_truth(index, vocab, s["image_id"],
+                                                   matcher="clean")[1]
     vocab = vocabulary_for(sorted({c for s in samples for c in s["categories"]}))
     return vocab, lambda s: set(s["present"])
 

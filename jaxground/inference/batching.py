@@ -29,6 +29,10 @@ class DecodeSettings:
     guidance_top_k: int = 5
     guidance_score: str = "logit"
     flag_threshold: float | None = 0.0
+    contrast: str | None = None
+    contrast_alpha: float = 1.0
+    contrast_beta: float = 0.1
+    contrast_noise_step: int = 500
 
 
 @dataclasses.dataclass
@@ -132,7 +136,10 @@ def generate_all(model, processor: Processor, prompts: Iterable[Prompt],
                        eos_token_id=eos, pad_token_id=pad, seed=settings.seed,
                        guidance=settings.guidance, guidance_top_k=settings.guidance_top_k,
                        guidance_score=settings.guidance_score, guidance_tokens=guidance_tokens,
-                       flag_threshold=settings.flag_threshold, flag_tokens=flag_tokens)
+                       flag_threshold=settings.flag_threshold, flag_tokens=flag_tokens,
+                       contrast=settings.contrast, contrast_alpha=settings.contrast_alpha,
+                       contrast_beta=settings.contrast_beta,
+                       contrast_noise_step=settings.contrast_noise_step)
         out = {k: np.asarray(v) for k, v in dict(
             tokens=gen.tokens, valid=gen.valid, logprobs=gen.logprobs, entropy=gen.entropy,
             grounding=gen.grounding, scored=gen.scored, flagged=gen.flagged).items()

@@ -16,6 +16,11 @@ together (each attends to the cache and to itself; see `LlamaAttention.decode`),
 every candidate its grounding logit g and its own next-token logits at once, and the step
 picks argmax(log p + alpha * g). The chosen candidate's K/V and logits are kept, so a guided
 step costs one decode pass of width k instead of 1, and alpha = 0 picks the greedy token.
+
+Visual contrastive decoding (`contrast="vcd"`, see `jaxground.inference.contrast`): the prompt
+runs twice in one batch of 2B rows, with the clean and with the diffusion-noised images; each
+step picks the token from the contrast of the two halves' logits and feeds it to both halves
+(one cache of 2B rows). Log p, entropy and grounding are the clean half's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from jaxground.inference import contrast as contrast_lib
 from jaxground.models.grounding import aggregate
 from jaxground.models.llava import LlavaModel, check_image_tokens
 
@@ -37,8 +43,9 @@ class Generation:
     tokens: jax.Array            # [B, N] int32; `pad_token_id` after a row's EOS
     valid: jax.Array             # [B, N] bool: generated tokens (up to and including EOS)
     lengths: jax.Array           # [B] number of valid tokens
-    logprobs: jax.Array          # [B, N] log p of each token under the model (no guidance)
-    entropy: jax.Array           # [B, N] entropy of the distribution it was chosen from
+    logprobs: jax.Array          # [B, N] log p of each token under the model (no guidance,
+                                 # clean image under contrast)
+    entropy: jax.Array           # [B, N] entropy of that next-token distribution
     grounding: jax.Array | None  # [B, N] aggregated head logit of each token (None: no heads
                                  # or no image); 0 where not valid or the row has no image
     grounding_scores: dict = struct.field(default_factory=dict)  # {layer: [B, N]}
@@ -58,6 +65,7 @@ class _Plan:
     guidance_score: str
     eos: tuple[int, ...]
     pad: int
+    contrast: str | None = None
 
 
 def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=None, *,
@@ -65,7 +73,9 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              seed: int = 0, guidance: float | None = None, guidance_top_k: int = 5,
              guidance_score: str = "logit", guidance_tokens=None,
-             flag_threshold: float | None = None, flag_tokens=None) -> Generation:
+             flag_threshold: float | None = None, flag_tokens=None,
+             contrast: str | None = None, contrast_alpha: float = 1.0,
+             contrast_beta: float = 0.1, contrast_noise_step: int = 500) -> Generation:
     """Generates up to `max_new_tokens` per row after left-padded prompts [B, T].
 
     temperature 0 is greedy; otherwise samples from softmax(logits / temperature) restricted
@@ -78,6 +88,12 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     mask) limits the bonus to those tokens, e.g. object words; others get b = 0.
     flag_threshold: scored tokens whose grounding logit is below it are flagged (only
     `flag_tokens`, ids or a [V] bool mask, when given).
+    contrast: "vcd" for visual contrastive decoding (None: off). Tokens come from
+    (1 + contrast_alpha) * l - contrast_alpha * l', l and l' the logits with the clean image
+    and with the image after `contrast_noise_step` of 1000 diffusion steps (one noise image
+    drawn from `seed`, shared by all rows), restricted to tokens with
+    l >= log(contrast_beta) + max(l); argmax at temperature 0, else sampled like the plain
+    logits. contrast_alpha = 0 is greedy. Not combinable with guidance.
     """
     cfg = model.config
     input_ids = np.asarray(input_ids)
@@ -105,21 +121,44 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     guided = guidance is not None
     if guided and not 1 <= guidance_top_k <= vocab:
         raise ValueError(f"guidance_top_k must be in [1, {vocab}], got {guidance_top_k}")
+    check_contrast(contrast, pixel_values, guided, contrast_alpha, contrast_beta)
     plan = _Plan(max_new_tokens=max_new_tokens, sample=temperature > 0, guided=guided,
                  top_k=guidance_top_k if guided else 1, guidance_score=guidance_score,
-                 eos=eos, pad=int(pad))
+                 eos=eos, pad=int(pad), contrast=contrast)
     knobs = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
                  alpha=jnp.float32(guidance or 0.0),
                  bonus_tokens=token_mask(guidance_tokens, vocab),
-                 key=jax.random.key(seed))
-    out = _generate(model, jnp.asarray(input_ids), None if pixel_values is None
-                    else jnp.asarray(pixel_values), jnp.asarray(mask), knobs, plan)
+                 key=jax.random.key(seed),
+                 contrast_alpha=jnp.float32(contrast_alpha),
+                 contrast_beta=jnp.float32(contrast_beta))
+    pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+    distorted = (None if contrast is None
+                 else contrast_lib.distort(pixels, seed, contrast_noise_step))
+    out = _generate(model, jnp.asarray(input_ids), pixels, distorted, jnp.asarray(mask), knobs,
+                    plan)
     if out.grounding is None or flag_threshold is None:
         return out
     flagged = out.scored & (out.grounding < flag_threshold)
     if flag_tokens is not None:
         flagged &= token_mask(flag_tokens, vocab)[out.tokens]
     return out.replace(flagged=flagged)
+
+
+def check_contrast(contrast, pixel_values, guided: bool, alpha, beta) -> None:
+    if contrast is None:
+        return
+    if contrast not in contrast_lib.CONTRASTS:
+        raise ValueError(f"contrast must be None or one of {contrast_lib.CONTRASTS}, got "
+                         f"{contrast!r}")
+    if pixel_values is None:
+        raise ValueError(f"contrast={contrast!r} contrasts the image with a distorted copy: "
+                         "it needs pixel_values")
+    if guided:
+        raise ValueError(f"contrast={contrast!r} cannot be combined with grounding guidance "
+                         "(guidance=...): use one or the other")
+    if not alpha >= 0 or not 0 <= beta <= 1:
+        raise ValueError(f"need contrast_alpha >= 0 and 0 <= contrast_beta <= 1, got "
+                         f"{alpha}, {beta}")
 
 
 def check_padding_supported(cfg, mask) -> None:
@@ -158,12 +197,13 @@ def nucleus_sample(key, scores_bc, temperature, top_p):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
-def _propose(logp_bv, knobs, plan: _Plan, key):
-    """Candidate tokens [B, C] and their log p: the top-k when guided, else the one pick."""
+def _propose(logp_bv, pick_bv, knobs, plan: _Plan, key):
+    """Candidate tokens [B, C] and their log p: the top-k when guided, else the one pick from
+    the scores `pick_bv` (log p, or the contrast scores)."""
     if plan.guided:
         return jax.lax.top_k(logp_bv, plan.top_k)
-    token_b = (nucleus_sample(key, logp_bv, knobs["temperature"], knobs["top_p"])
-               if plan.sample else jnp.argmax(logp_bv, axis=-1))
+    token_b = (nucleus_sample(key, pick_bv, knobs["temperature"], knobs["top_p"])
+               if plan.sample else jnp.argmax(pick_bv, axis=-1))
     token_b1 = token_b[:, None].astype(jnp.int32)
     return jnp.take_along_axis(logp_bv, token_b1, axis=-1), token_b1
 
@@ -182,16 +222,24 @@ def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, key):
 
 
 @functools.partial(nnx.jit, static_argnames=("plan",), graph_updates=False)
-def _generate(model: LlavaModel, input_ids, pixel_values, attention_mask, knobs,
-              plan: _Plan) -> Generation:
+def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, attention_mask,
+              knobs, plan: _Plan) -> Generation:
     b, t = input_ids.shape
     n, g = plan.max_new_tokens, len(model.config.grounded_layers)
-    logits_bv, cache, ground = model.prefill(input_ids, pixel_values, attention_mask, t + n)
-    positions_b = attention_mask.sum(-1).astype(jnp.int32)  # each row's next position
+    streams = 1
+    if plan.contrast is not None:
+        # Rows [0, B) see the clean images, rows [B, 2B) the distorted ones; same text.
+        streams = 2
+        input_ids = jnp.concatenate([input_ids, input_ids])
+        attention_mask = jnp.concatenate([attention_mask, attention_mask])
+        pixel_values = jnp.concatenate([pixel_values, distorted_pixels])
+    logits_sv, cache, ground = model.prefill(input_ids, pixel_values, attention_mask, t + n)
+    positions_s = attention_mask.sum(-1).astype(jnp.int32)  # each row's next position
     eos = jnp.asarray(plan.eos or (-1,), jnp.int32)
     rows = jnp.arange(b)
+    rows_s = jnp.arange(streams * b)  # S = streams * B cache rows
     g = g if ground is not None else 0
-    init = dict(i=jnp.int32(0), cache=cache, logits=logits_bv.astype(jnp.float32),
+    init = dict(i=jnp.int32(0), cache=cache, logits=logits_sv.astype(jnp.float32),
                 done=jnp.zeros(b, bool),
                 tokens=jnp.full((b, n), plan.pad, jnp.int32), valid=jnp.zeros((b, n), bool),
                 logprobs=jnp.zeros((b, n)), entropy=jnp.zeros((b, n)),
@@ -200,22 +248,26 @@ def _generate(model: LlavaModel, input_ids, pixel_values, attention_mask, knobs,
     def step(s):
         i = s["i"]
         propose_key, choose_key = jax.random.split(jax.random.fold_in(knobs["key"], i))
-        logp_bv = jax.nn.log_softmax(s["logits"], axis=-1)
-        cand_logp_bc, cand_bc = _propose(logp_bv, knobs, plan, propose_key)
+        clean_bv = s["logits"][:b]
+        logp_bv = jax.nn.log_softmax(clean_bv, axis=-1)
+        pick_bv = (logp_bv if plan.contrast is None else contrast_lib.vcd_logits(
+            clean_bv, s["logits"][b:], knobs["contrast_alpha"], knobs["contrast_beta"]))
+        cand_logp_bc, cand_bc = _propose(logp_bv, pick_bv, knobs, plan, propose_key)
         cand_bc = jnp.where(s["done"][:, None], plan.pad, cand_bc).astype(jnp.int32)
-        next_logits_bcv, scores_gbc, (k, v) = model.decode_step(cand_bc, positions_b + i,
-                                                                s["cache"], ground)
-        if scores_gbc is None:
-            scores_gbc = jnp.zeros((0,) + cand_bc.shape)
+        next_logits_scv, scores_gsc, (k, v) = model.decode_step(
+            jnp.tile(cand_bc, (streams, 1)), positions_s + i, s["cache"], ground)
+        scores_gbc = (jnp.zeros((0,) + cand_bc.shape) if scores_gsc is None
+                      else scores_gsc[:, :b])  # grounding of the clean stream
         grounding_bc = (aggregate(scores_gbc, model.config.grounding.aggregate) if g
                         else jnp.zeros(cand_bc.shape))
         j = _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan, choose_key)
+        j_s = jnp.tile(j, streams)
         token_b = cand_bc[rows, j]
         live = ~s["done"]
         return dict(
             i=i + 1,
-            cache=s["cache"].write(t + i, k[:, rows, j], v[:, rows, j]),
-            logits=next_logits_bcv[rows, j].astype(jnp.float32),
+            cache=s["cache"].write(t + i, k[:, rows_s, j_s], v[:, rows_s, j_s]),
+            logits=next_logits_scv[rows_s, j_s].astype(jnp.float32),
             done=s["done"] | jnp.isin(token_b, eos),
             tokens=s["tokens"].at[:, i].set(token_b),
             valid=s["valid"].at[:, i].set(live),
@@ -230,6 +282,6 @@ def _generate(model: LlavaModel, input_ids, pixel_values, attention_mask, knobs,
                      logprobs=s["logprobs"], entropy=s["entropy"], grounding=None)
     if not g:
         return out
-    scored = s["valid"] & ground.scored_b[:, None]
+    scored = s["valid"] & ground.scored_b[:b, None]
     return out.replace(grounding=aggregate(s["scores"], model.config.grounding.aggregate),
                        grounding_scores=model.per_layer(s["scores"]), scored=scored)
