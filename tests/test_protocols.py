@@ -184,12 +184,16 @@ def test_batch_of_8_answers_equal_batch_of_1(converted):
                           config.image_seq_length, config.image_token_id, "vicuna_v1", True)
     settings = DecodeSettings(max_new_tokens=24)
     prompts = _prompts(converted, 9)  # batch 8 + a short last batch filled with copies
-    batched = {r["key"]: r["token_ids"] for r in generate_all(model, processor, prompts,
-                                                              settings, batch_size=8)}
-    single = {r["key"]: r["token_ids"] for r in generate_all(model, processor, prompts,
-                                                             settings, batch_size=1)}
+    batched = {r["key"]: r for r in generate_all(model, processor, prompts, settings,
+                                                 batch_size=8)}
+    single = {r["key"]: r for r in generate_all(model, processor, prompts, settings,
+                                                batch_size=1)}
     assert len({len(processor.encode(p.question)["input_ids"]) for p in prompts}) > 3
-    assert batched == single
+    assert {k: r["token_ids"] for k, r in batched.items()} == {
+        k: r["token_ids"] for k, r in single.items()}
+    # Not only the argmax: each token's log p agrees too (padding changes nothing).
+    for k in single:
+        np.testing.assert_allclose(batched[k]["logprobs"], single[k]["logprobs"], atol=1e-4)
 
 
 def test_bad_protocol_and_image_list_name_the_field_and_file(converted, tmp_path):
@@ -206,3 +210,33 @@ def test_bad_protocol_and_image_list_name_the_field_and_file(converted, tmp_path
     with pytest.raises(FileNotFoundError, match="image id list .*nowhere.txt"):
         tasks.read_image_ids(str(tmp_path / "nowhere.txt"))
     assert tasks.read_image_ids(str(ids)) == [1, 2]
+
+
+def test_chair_images_are_drawn_seeded_or_listed(tmp_path):
+    from jaxground.data.shapes import ensure_world
+    from jaxground.eval import tasks
+
+    world = str(tmp_path / "world")
+    ensure_world(world, 12, seed=5)
+    out = str(tmp_path / "image_ids.json")
+    drawn = tasks.chair_image_ids(world, None, None, 5, seed=7, write_to=out)
+    assert len(drawn) == 5 and drawn == sorted(drawn)
+    assert drawn == tasks.chair_image_ids(world, None, None, 5, seed=7)  # seeded
+    assert drawn != tasks.chair_image_ids(world, None, None, 5, seed=8)
+    assert tasks.read_image_ids(out) == drawn  # the written list is a valid --image_ids file
+    assert len(tasks.chair_image_ids(world, None, None, 500, seed=7)) == 12  # all of them
+    # A given list (OPERA's caption logs are JSON lines with "image_id").
+    listed = tmp_path / "opera.jsonl"
+    listed.write_text("".join(json.dumps({"image_id": i, "caption": "x"}) + "\n"
+                              for i in drawn[:3]))
+    assert tasks.chair_image_ids(world, None, str(listed), 500, seed=0) == drawn[:3]
+    # Ids the annotations do not have, and listed images missing on disk, are named.
+    listed.write_text("[1, 999]")
+    with pytest.raises(ValueError, match=r"opera.jsonl: 1 image id\(s\) are not in .*\[999\]"):
+        tasks.chair_image_ids(world, None, str(listed), 500, seed=0)
+    from jaxground.data.coco import load_coco
+
+    index = load_coco(world)
+    os.remove(os.path.join(world, index.image_path(drawn[0])))
+    with pytest.raises(FileNotFoundError, match=index.image_path(drawn[0])):
+        tasks.chair_image_ids(world, None, None, 0, seed=0)

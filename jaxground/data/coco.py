@@ -228,11 +228,24 @@ def write_jsonl(records, path: str) -> None:
 def read_jsonl(path: str) -> list[dict]:
     """Records from a JSON-lines file, or from a JSON array (some benchmark files named
     .json are either)."""
-    with open(path) as f:
+    return [r for _, r in read_numbered_jsonl(path)]
+
+
+def read_numbered_jsonl(path: str) -> list[tuple[str, dict]]:
+    """[(where, record)] of `read_jsonl`: `where` is "path:line" (JSON lines) or "path[i]"
+    (a JSON array), for error messages that point at the record."""
+    with open(path, encoding="utf-8") as f:
         text = f.read()
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(text))]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+    return out
 
 
 def main(argv=None) -> None:

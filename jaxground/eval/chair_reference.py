@@ -40,20 +40,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from jaxground.data.objects import SYNONYMS_FILE
-
-# The original's hard-coded rules, verbatim ("hot dog" and "teddy bear" are listed twice
-# there too; "stove top oven" has three words, so pair merging never produces it).
-COCO_DOUBLE_WORDS = ["motor bike", "motor cycle", "air plane", "traffic light", "street light",
-                     "traffic signal", "stop light", "fire hydrant", "stop sign", "parking meter",
-                     "suit case", "sports ball", "baseball bat", "baseball glove",
-                     "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone",
-                     "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-                     "stove top oven", "hot dog", "teddy bear", "home plate", "train track"]
-# "baby bird" is a bird, not a person (baby); "passenger jet" a jet, not a person.
-ANIMAL_WORDS = ["bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-                "giraffe", "animal", "cub"]
-VEHICLE_WORDS = ["jet", "train"]
+from jaxground.data.objects import SYNONYMS_FILE, chair_double_words
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,16 +104,7 @@ class ReferenceVocabulary:
         for synonyms in lines:
             for s in synonyms:
                 inverse[s] = synonyms[0]
-        double = {d: d for d in COCO_DOUBLE_WORDS}
-        for animal in ANIMAL_WORDS:
-            double[f"baby {animal}"] = animal
-            double[f"adult {animal}"] = animal
-        for vehicle in VEHICLE_WORDS:
-            double[f"passenger {vehicle}"] = vehicle
-        double["bow tie"] = "tie"
-        double["toilet seat"] = "toilet"
-        double["wine glas"] = "wine glass"
-        return cls(inverse, double)
+        return cls(inverse, chair_double_words())
 
     @classmethod
     def from_categories(cls, names: list[str]) -> "ReferenceVocabulary":

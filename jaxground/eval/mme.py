@@ -57,6 +57,8 @@ import argparse
 import json
 import os
 
+from jaxground.data.coco import read_numbered_jsonl
+
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
@@ -82,8 +84,11 @@ def parse_answer(text: str) -> str:
     else "no" if they contain "no", else "other" ("Yes." and "Nope" read as yes / no, "y",
     "I think so" and "   Yes" as other)."""
     pred = str(text).lower()
-    if pred in ("yes", "no"):
-        return pred
+    return pred if pred in ("yes", "no") else _first_four(pred)
+
+
+def _first_four(pred: str) -> str:
+    """Both tools' fallback: "yes" / "no" found in the first 4 characters, else "other"."""
     prefix = pred[:4]
     if "yes" in prefix:
         return "yes"
@@ -104,12 +109,7 @@ def parse_answer_lmms_eval(text: str) -> str:
         return pred
     if len(pred) == 1:
         return {"y": "yes", "n": "no"}.get(pred, "other")
-    prefix = pred[:4]
-    if "yes" in prefix:
-        return "yes"
-    if "no" in prefix:
-        return "no"
-    return "other"
+    return _first_four(pred)
 
 
 _PARSE = {"official": parse_answer, "lmms_eval": parse_answer_lmms_eval}
@@ -226,18 +226,6 @@ def read_mme(root: str, subtasks=None) -> list[dict]:
     return records
 
 
-def _numbered_jsonl(path: str) -> list[tuple[str, dict]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-    return out
-
-
 def read_llava_questions(path: str, root: str) -> list[dict]:
     """LLaVA's llava_mme.jsonl ({"question_id" shared per image, "image" relative to root,
     "text" = the prompt, "category"}) joined with the ground truth of the release folder at
@@ -247,7 +235,7 @@ def read_llava_questions(path: str, root: str) -> list[dict]:
     naming the line."""
     groups = _groups(read_mme(root))
     out, seen = [], {}
-    for where, line in _numbered_jsonl(path):
+    for where, line in read_numbered_jsonl(path):
         missing = [k for k in ("question_id", "text", "image") if k not in line]
         if missing:
             raise ValueError(f"{where}: expected LLaVA's fields question_id, image, text; "
@@ -437,7 +425,7 @@ def llava_answers(samples: list[dict]) -> list[dict]:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    return [r for _, r in _numbered_jsonl(path)]
+    return [r for _, r in read_numbered_jsonl(path)]
 
 
 def main(argv=None) -> None:

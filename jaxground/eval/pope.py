@@ -50,6 +50,8 @@ import json
 import os
 import re
 
+from jaxground.data.coco import read_numbered_jsonl
+
 # LLaVA-1.5's POPE questions end with this line (a newline, then the instruction).
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_KEYS = ("strategy", "category")
@@ -221,23 +223,6 @@ def score_splits(questions: list[dict], answers: list[dict], parser: str = "llav
 
 
 # ---- reading question files -------------------------------------------------------------
-def _read_numbered(path: str) -> list[tuple[str, dict]]:
-    """[(where, record)]: `where` is "path:line" (JSON lines) or "path[i]" (a JSON array,
-    some benchmark files named .json are one)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        return [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(text))]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-    return out
-
-
 def _split_from_name(path: str) -> str | None:
     name = os.path.basename(path).lower()
     return next((s for s in _SPLITS if re.search(rf"(^|[^a-z]){s}([^a-z]|$)", name)), None)
@@ -250,7 +235,7 @@ def read_pope_questions(path: str) -> list[dict]:
     (coco_pope_adversarial.json -> "adversarial")."""
     from_name = _split_from_name(path)
     out = []
-    for where, r in _read_numbered(path):
+    for where, r in read_numbered_jsonl(path):
         if r.get("kind", "question") != "question":
             continue
         q = dict(r)
@@ -271,7 +256,7 @@ def _has_label(r: dict) -> bool:
 def _questions_of(path: str) -> tuple[list[tuple[str, dict]], bool]:
     """(question records with where they are, whether they carry labels). A file mixing
     labelled and unlabelled questions is an error."""
-    rows = [(w, r) for w, r in _read_numbered(path) if r.get("kind", "question") == "question"]
+    rows = [(w, r) for w, r in read_numbered_jsonl(path) if r.get("kind", "question") == "question"]
     if not rows:
         raise ValueError(f"{path} holds no POPE questions")
     labelled = [_has_label(r) for _, r in rows]
@@ -378,19 +363,12 @@ def load_questions(paths) -> list[dict]:
                 if qualify:
                     q["question_id"] = f"{q['category']}/{q['question_id']}"
                 out.append(q)
-    seen: dict[str, int] = {}
-    for n, q in enumerate(out):
-        if "question_id" not in q:
-            raise ValueError(f"a question record without question_id in {paths}: {q!r}")
-        k = _key(q["question_id"])
-        if k in seen:
-            raise ValueError(f"question_id {q['question_id']!r} appears twice in {paths}")
-        seen[k] = n
+    index_by_question_id(out, f"question in {paths}")  # ids must be unique
     return out
 
 
 def read_answers(path: str) -> list[dict]:
-    return [r for _, r in _read_numbered(path)]
+    return [r for _, r in read_numbered_jsonl(path)]
 
 
 def _fmt(m: dict) -> str:
