@@ -1,5 +1,8 @@
 """Grounding heads and losses: an independent reference, masks, gradients, config errors."""
 
+import copy
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +93,168 @@ def test_cross_attention_at_gate_zero_leaves_logits_unchanged(hf_dir, tmp_path):
     heads.gate[...] = jnp.full_like(heads.gate[...], 0.5)
     c = xattn(input_ids=ids, pixel_values=px, attention_mask=mask)
     assert np.abs(np.asarray(c.logits) - np.asarray(a.logits)).max() > 1e-3
+
+
+# ---- every head type against a float64 reference built on HF's own forward ------------------
+# The heads are re-derived from the spec (README "Grounding heads", grounding.py docstring)
+# in NumPy float64 on the outputs of a float64 copy of the HF model; only the head
+# parameters are read from our model (after randomising them: no identity, zero or default).
+
+def unit64(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def logsumexp64(a, axis=-1):
+    m = a.max(axis, keepdims=True)
+    return (m + np.log(np.exp(a - m).sum(axis, keepdims=True))).squeeze(axis)
+
+
+def reference_head(cfg, p, g, h_btd, v_bpd):
+    """Head g of the stacked float64 parameters `p` on text h [B, T, D] and image v
+    [B, P, D]: (logit scale * s + bias [B, T], residual update [B, T, D] or None)."""
+    update = None
+    if cfg.type == "similarity":
+        s = np.einsum("btd,bpd->btp", unit64(h_btd), unit64(v_bpd)).max(-1)
+    elif cfg.type == "learned":
+        wt, wv = p["text_proj"]["kernel"][g], p["image_proj"]["kernel"][g]  # [D, dim]
+        s = np.einsum("btd,bpd->btp", unit64(h_btd @ wt), unit64(v_bpd @ wv)).max(-1)
+    else:
+        (b, t, d), n, np_ = h_btd.shape, cfg.num_heads, v_bpd.shape[1]
+        dh = d // n
+        q = (h_btd @ p["q_proj"]["kernel"][g]).reshape(b, t, n, dh)
+        k = (v_bpd @ p["k_proj"]["kernel"][g]).reshape(b, np_, n, dh)
+        v = (v_bpd @ p["v_proj"]["kernel"][g]).reshape(b, np_, n, dh)
+        a = np.einsum("btnh,bpnh->bntp", q, k) / np.sqrt(dh)
+        s = logsumexp64(a).mean(1) - np.log(np_)  # one image (all P patches valid) per row
+        probs = np.exp(a - logsumexp64(a)[..., None])
+        summary = np.einsum("bntp,bpnh->btnh", probs, v).reshape(b, t, d)
+        update = np.tanh(p["gate"][g]) * (summary @ p["o_proj"]["kernel"][g])
+    return p["scale"][g] * s + p["bias"][g], update
+
+
+def hf64_with_heads(hf, ids, mask, px, cfg, layers, params):
+    """A float64 copy of the HF model run with the heads of `params` on the outputs of
+    `layers` (hooks): per-layer scores {l: [B, T]} (0 where unscored) and the logits [B, T, V]
+    (a cross-attention head's gated summary is added to HF's residual stream at scored
+    positions, so later layers see it)."""
+    hf64 = copy.deepcopy(hf).double().eval()
+    image_bt = ids == hf_tiny.IMAGE_TOKEN
+    scored_bt = expected_text_mask(ids, mask)
+    caught, scores = {}, {}
+
+    def on_projector(m, i, o):
+        caught["projected"] = o.detach().numpy().copy()  # [N, P, D], image b in row b
+
+    def on_layer(l, g):
+        def hook(m, i, o):
+            h_t = o[0] if isinstance(o, tuple) else o
+            h = h_t.detach().numpy().astype(np.float64)
+            if cfg.image_features == "projected":
+                image = caught["projected"]
+            else:  # the image-token hidden states of this layer's output
+                image = np.stack([h[b][image_bt[b]] for b in range(h.shape[0])])
+            logit, update = reference_head(cfg, params, g, h, image)
+            scores[l] = np.where(scored_bt, logit, 0.0)
+            if update is None:
+                return None
+            new = torch.from_numpy(h + np.where(scored_bt[..., None], update, 0.0))
+            return (new,) + tuple(o[1:]) if isinstance(o, tuple) else new
+        return hook
+
+    hooks = [hf64.model.multi_modal_projector.register_forward_hook(on_projector)]
+    hooks += [hf64.model.language_model.layers[l].register_forward_hook(on_layer(l, g))
+              for g, l in enumerate(layers)]
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    try:
+        with torch.no_grad():
+            logits = hf64(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(px, dtype=torch.float64),
+                          position_ids=torch.tensor(pos)).logits.numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return scores, logits
+
+
+def randomise_heads(model, seed):
+    """Seeded, non-trivial head parameters (scale, bias, gate per layer; Gaussian kernels)."""
+    heads = model.language_model.grounding_heads
+    rng = np.random.RandomState(seed)
+    g = heads.scale[...].shape[0]
+    heads.scale[...] = jnp.asarray(rng.uniform(2.0, 6.0, g), jnp.float32)
+    heads.bias[...] = jnp.asarray(rng.uniform(-1.0, 1.0, g), jnp.float32)
+    for name in ("text_proj", "image_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
+        if hasattr(heads, name):
+            kernel = getattr(heads, name).kernel
+            shape = kernel[...].shape  # [G, in, out]
+            kernel[...] = jnp.asarray(1.5 * rng.randn(*shape) / np.sqrt(shape[1]), jnp.float32)
+    if hasattr(heads, "gate"):
+        heads.gate[...] = jnp.asarray(rng.choice([-1, 1], g) * rng.uniform(0.4, 0.9, g),
+                                      jnp.float32)
+    return jax.tree.map(lambda a: np.asarray(a, np.float64),
+                        nnx.to_pure_dict(nnx.state(heads, nnx.Param)))
+
+
+HEAD_CASES = {
+    # dim == hidden size: a learned head that skipped a projection would still run.
+    "learned-projected-max": dict(type="learned", dim=32, image_features="projected",
+                                  aggregate="max"),
+    "learned-hidden-mean": dict(type="learned", dim=12, image_features="hidden",
+                                aggregate="mean"),
+    "xattn-projected-mean": dict(type="cross_attention", num_heads=4,
+                                 image_features="projected", aggregate="mean"),
+    "xattn-hidden-max": dict(type="cross_attention", num_heads=2, image_features="hidden",
+                             aggregate="max"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_heads_match_a_float64_reference_on_hf_hidden_states(hf_dir, tmp_path, case):
+    path, hf = hf_dir
+    layers = (0, 2)  # a plain layer between them: the update of layer 0 must flow through it
+    cfg = GroundingConfig(layers=layers, **HEAD_CASES[case])
+    model = convert(path, tmp_path, "jg", **HEAD_CASES[case], layers=layers)
+    params = randomise_heads(model, seed=zlib.crc32(case.encode()) % 1000)
+    ids, mask, px = hf_tiny.batch(hf)
+    out = model(input_ids=ids, pixel_values=px, attention_mask=mask)
+    ref_scores, ref_logits = hf64_with_heads(hf, ids, mask, px, cfg, layers, params)
+
+    # Only text tokens after the image are scored: not the prompt before it, not the image
+    # tokens, not the left padding (all three occur in this batch).
+    text = expected_text_mask(ids, mask)
+    np.testing.assert_array_equal(np.asarray(out.grounding_mask), text)
+    before_image = (np.cumsum(ids == hf_tiny.IMAGE_TOKEN, 1) == 0) & mask.astype(bool)
+    assert (mask == 0).any() and before_image.any()
+    assert sorted(out.grounding_scores) == list(layers)
+    ours = np.stack([np.asarray(out.grounding_scores[l]) for l in layers])
+    ref = np.stack([ref_scores[l] for l in layers])
+    assert (ours[:, ~text] == 0).all()
+    np.testing.assert_allclose(ours[:, text], ref[:, text], rtol=1e-4, atol=1e-5)
+    # The batch tells the layers, and the tokens, apart.
+    assert np.abs(ref[0] - ref[1])[text].max() > 0.1 and ref[:, text].std() > 0.1
+
+    # Aggregation over the grounded layers: exactly the max / mean of the per-layer scores,
+    # and the reference's max / mean.
+    agg = np.asarray(out.grounding)
+    if cfg.aggregate == "max":
+        np.testing.assert_array_equal(agg, ours.max(0))
+        np.testing.assert_allclose(agg[text], ref.max(0)[text], rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_allclose(agg, ours.mean(0), rtol=1e-7, atol=0)
+        np.testing.assert_allclose(agg[text], ref.mean(0)[text], rtol=1e-4, atol=1e-5)
+
+    # Logits: unchanged by similarity / learned heads; a cross-attention head's gated summary
+    # (gate != 0 here) enters the residual stream at scored positions and moves them.
+    valid = mask.astype(bool)
+    logits = np.asarray(out.logits)
+    np.testing.assert_allclose(logits[valid], ref_logits[valid], rtol=1e-4, atol=1e-5)
+    plain = hf_tiny.hf_logits(hf, ids, mask, px)
+    moved = np.abs(ref_logits - plain).max(-1)
+    if cfg.type == "cross_attention":
+        assert moved[text].min() > 1e-2
+        assert moved[valid & ~text].max() < 1e-4  # prompt and image tokens: untouched
+    else:
+        assert moved[valid].max() < 1e-4
 
 
 def labelled_batch(cfg, seed=0):

@@ -66,15 +66,18 @@ def margin_grounding_loss(scores_bt, grounding_labels_bt, grounding_mask_bt, is_
 
 
 def auroc(scores_n, labels_n, valid_n):
-    """Area under the ROC curve of scores for labels in {0, 1} over valid entries (rank
-    statistic, ties broken by order; NaN if a class is absent). Static shapes, jit-able."""
-    s = jnp.where(valid_n, scores_n.astype(jnp.float32), -jnp.inf)
-    ranks = jnp.argsort(jnp.argsort(s)).astype(jnp.float32) + 1  # 1-based, invalid lowest
-    n_invalid = jnp.sum(~valid_n)
+    """Area under the ROC curve of scores for labels in {0, 1} over valid entries:
+    P(positive > negative) + 0.5 * P(tie), as the evaluation's AUROC (NaN if a class is
+    absent). Static shapes, jit-able."""
+    s = scores_n.astype(jnp.float32)
     pos = valid_n & (labels_n == 1)
-    n_pos, n_neg = pos.sum(), (valid_n & (labels_n == 0)).sum()
-    rank_sum = jnp.sum(jnp.where(pos, ranks - n_invalid, 0.0))
-    u = rank_sum - n_pos * (n_pos + 1) / 2
+    neg = valid_n & (labels_n == 0)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    neg_sorted = jnp.sort(jnp.where(neg, s, jnp.inf))  # non-negatives pad the top
+    below = jnp.searchsorted(neg_sorted, s, side="left")  # negatives scored lower
+    not_above = jnp.minimum(jnp.searchsorted(neg_sorted, s, side="right"), n_neg)
+    wins = below + 0.5 * (not_above - below)
+    u = jnp.sum(jnp.where(pos, wins, 0.0))
     return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1), jnp.nan)
 
 
