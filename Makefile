@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,5 +33,12 @@ demo: $(DEMO_STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_vs_hf.py
 
+# Mutation testing ([tool.mutmut] in pyproject.toml names the files and tests). Hours on 2
+# cores for all four files: `$(BIN)/mutmut run "jaxground.training.optim*"` runs one file.
+mutation: $(STAMP)
+	$(BIN)/pip install --quiet 'mutmut>=3.8,<4'
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs mutants

@@ -172,3 +172,33 @@ def test_no_accumulation_updates_every_step():
     ups, _ = run(tx, [{"w": G1}, {"w": G2}], {"w": jnp.zeros(3)})
     assert all(u.any() for u in ups)
     assert jax.tree.leaves(ups)[0].shape == (3,)
+
+
+def test_trainable_filter_selects_params_by_searched_regexes():
+    from flax import nnx
+
+    from jaxground.training.optim import path_string, trainable_filter
+
+    class Tower(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = nnx.Linear(2, 2, rngs=rngs)
+            self.norm = nnx.LayerNorm(2, rngs=rngs)
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.vision = Tower(rngs)
+            self.projector = nnx.Linear(2, 3, rngs=rngs)
+            self.grounding_heads = nnx.Linear(3, 1, rngs=rngs)
+            self.count = nnx.Variable(jnp.zeros(()))  # not a Param: never trainable
+
+    model = Model(nnx.Rngs(0))
+
+    def chosen(patterns):
+        state = nnx.state(model, trainable_filter(patterns))
+        return sorted(path_string(p) for p, _ in nnx.to_flat_state(state))
+
+    assert chosen("projector,grounding_heads") == [
+        "grounding_heads/bias", "grounding_heads/kernel", "projector/bias", "projector/kernel"]
+    assert chosen(["norm"]) == ["vision/norm/bias", "vision/norm/scale"]  # searched, not anchored
+    assert chosen(" vision/proj , ") == ["vision/proj/bias", "vision/proj/kernel"]
+    assert len(chosen(".*")) == 8 and chosen("nothing") == []
