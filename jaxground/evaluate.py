@@ -30,7 +30,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -44,7 +43,6 @@ from jaxground.data.processor import (TOKENIZER_FILES, Processor, clip_image_pro
                                       load_tokenizer)
 from jaxground.eval import protocols, report, tasks
 from jaxground.inference.batching import DecodeSettings, generate_all, score_all
-from jaxground.models.config import dtype_of
 from jaxground.training import sharding
 from jaxground.training.checkpoint import TRAIN_CONFIG_FILE, is_workdir, latest_step
 from jaxground.training.config import default_config, validate_eval, with_eval_defaults
@@ -96,14 +94,9 @@ def load_model(workdir: str, cfg, step: int | None):
     """The model placed on the config's mesh (parameters sharded by the logical-axis
     table; activations follow the parameters), in `eval.dtype` when set."""
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    dtype = cfg.eval.dtype or None
-    model = store.load(workdir, dtype=dtype, step=step)
+    model = store.load(workdir, dtype=cfg.eval.dtype or None, step=step)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    if dtype:  # training checkpoints restore in their stored dtype: cast the floats
-        params = jax.tree.map(
-            lambda x: x.astype(dtype_of(dtype)) if jnp.issubdtype(x.dtype, jnp.floating)
-            else x, params)
     nnx.replace_by_pure_dict(state, jax.device_put(params,
                                                    sharding.tree_shardings(params, mesh)))
     return nnx.merge(graphdef, state), mesh

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -147,10 +148,23 @@ def load(path: str, dtype: str | Any = None, shardings=None, step: int | None = 
     from jaxground.training import checkpoint  # a training workdir
 
     if checkpoint.is_workdir(path):
-        return checkpoint.load_trained(path, config, step)
+        model = checkpoint.load_trained(path, config, step)
+        # Training checkpoints restore each array in its stored dtype (frozen weights may be
+        # bf16 beside fp32 trainable ones): cast when a dtype is asked for.
+        return cast_floats(model, config.param_dtype) if dtype is not None else model
     params = restore_params(path, config, shardings)
     model = abstract_model(config)
     graphdef, state = nnx.split(model)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def cast_floats(model: LlavaModel, dtype_name: str) -> LlavaModel:
+    """The model with every floating-point parameter cast to `dtype_name`."""
+    graphdef, state = nnx.split(model)
+    target = dtype_of(dtype_name)
+    params = jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating)
+                          else x, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 

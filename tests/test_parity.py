@@ -1,9 +1,12 @@
 """Logit parity with HF transformers for every key layout, sharding and variant."""
 
+import dataclasses
+import os
 import subprocess
 import sys
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from transformers import LlavaForConditionalGeneration
 
 import hf_tiny
 import jaxground
+from jaxground import store
 from jaxground.hf_convert import hf_to_jaxground
 
 REPO = __file__.rsplit("/tests/", 1)[0]
@@ -77,18 +81,45 @@ def test_every_key_layout_converts(layout, shards, tmp_path, request):
     assert np.abs(out - ref)[valid(mask)].max() <= 1e-4
 
 
+def flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def test_cli_round_trip_to_hf(tmp_path):
-    """hf_to_orbax.py -> orbax_to_hf.py -> from_pretrained gives the same logits."""
+    """hf_to_orbax.py -> orbax_to_hf.py -> from_pretrained gives the same logits; the heads
+    (which HF's format lacks) travel in grounding_heads.safetensors beside the HF weights,
+    and converting that dir back restores their parameters and config exactly."""
     hf = hf_tiny.build_hf("gqa_multi_full", seed=7)
     hf_tiny.save_hf(hf, str(tmp_path / "hf"))
     run = lambda *a: subprocess.run([sys.executable, *a], cwd=REPO, capture_output=True,
                                     text=True, timeout=300)
     r = run("convert/hf_to_orbax.py", "--hf_dir", str(tmp_path / "hf"), "--out",
-            str(tmp_path / "jg"))
+            str(tmp_path / "jg"), "--grounding_type", "cross_attention",
+            "--grounding_layers", "0,2")
     assert r.returncode == 0, r.stderr
+    # Non-default heads: a config beyond what the CLI sets, and random non-zero parameters
+    # (the tanh gate too, 0 at init) that fresh heads would not reproduce.
+    config = store.read_config(str(tmp_path / "jg"))
+    assert config.grounding.type == "cross_attention" and list(config.grounded_layers) == [0, 2]
+    config = config.replace(grounding=dataclasses.replace(
+        config.grounding, num_heads=4, aggregate="max", image_features="hidden",
+        init_scale=3.0, init_bias=-0.5))
+    params = store.restore_params(str(tmp_path / "jg"), config)
+    rng = np.random.default_rng(0)
+    heads = jax.tree.map(lambda a: (rng.standard_normal(a.shape) + 0.5).astype(a.dtype),
+                         params["language_model"]["grounding_heads"])
+    flat_heads = flat(heads)
+    assert {"['gate']", "['q_proj']['kernel']"} <= set(flat_heads)
+    assert all(np.all(v != 0) for v in flat_heads.values())
+    params["language_model"]["grounding_heads"] = heads
+    store.save_params(str(tmp_path / "jg"), config, params)
+
     r = run("convert/orbax_to_hf.py", "--ckpt", str(tmp_path / "jg"), "--out",
             str(tmp_path / "back"))
     assert r.returncode == 0, r.stderr
+    assert "grounding_heads.safetensors" in r.stdout
+    assert os.path.isfile(tmp_path / "back" / "grounding_heads.safetensors")
     back = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "back"),
                                                          attn_implementation="eager").eval()
     ids, mask, px = hf_tiny.batch(hf)
@@ -100,6 +131,17 @@ def test_cli_round_trip_to_hf(tmp_path):
     assert set(sd) == set(sd_back)
     for k in sd:
         assert torch.equal(sd[k], sd_back[k]), k
+
+    # And back to jaxground with no grounding options: the side file's heads and config.
+    again = hf_to_jaxground(str(tmp_path / "back"), str(tmp_path / "jg_again"))
+    assert again.grounding == config.grounding
+    assert store.read_config(str(tmp_path / "jg_again")).grounding == config.grounding
+    restored = store.restore_params(str(tmp_path / "jg_again"), again)
+    flat_back = flat(restored["language_model"]["grounding_heads"])
+    assert set(flat_back) == set(flat_heads)
+    for k, v in flat_heads.items():
+        assert flat_back[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(flat_back[k], v, err_msg=k)
 
 
 def test_bfloat16_argmax_agrees(tmp_path):

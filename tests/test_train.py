@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -148,17 +149,148 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, worlds):
     assert not [n for n in os.listdir(wd / "checkpoints") if "tmp" in n]
 
 
-def test_sigterm_saves_the_current_step(tmp_path, worlds):
-    wd = tmp_path / "run"
-    cmd = train_cmd(wd, worlds, "--config.train.steps=400",
+def stopped_by_signal_saves_the_current_step(sig, workdir, worlds):
+    """Sends `sig` mid-run (no periodic checkpoint due): the trainer must save the step it
+    reached, exit 0 and say so."""
+    cmd = train_cmd(workdir, worlds, "--config.train.steps=400",
                     "--config.train.checkpoint_every=1000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for_step(wd, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
-    last = metrics(wd)[-1]["step"]
-    assert complete_steps(wd) == [last] and 5 <= last < 400
+    try:
+        wait_for_step(workdir, 5, proc)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:  # ignored the signal: do not leave it training
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert rc == 0, err[-2000:]
+    last = metrics(workdir)[-1]["step"]
+    assert complete_steps(workdir) == [last] and 5 <= last < 400
+    assert f"signal {int(sig)}: saved step {last}, exiting" in err, err[-2000:]
+
+
+def test_sigterm_saves_the_current_step(tmp_path, worlds):
+    stopped_by_signal_saves_the_current_step(signal.SIGTERM, tmp_path / "run", worlds)
+
+
+def test_sigint_saves_the_current_step(tmp_path, worlds):
+    stopped_by_signal_saves_the_current_step(signal.SIGINT, tmp_path / "run", worlds)
+
+
+def tb_scalars(directory):
+    """{tag: {step: value}} of the scalars in every TensorBoard event file under `directory`.
+    tensorboardX ships no reader: the TFRecord framing (length, masked CRC, Event proto,
+    masked CRC) is parsed here and both checksums are verified."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    out = {}
+    files = [os.path.join(root, n) for root, _, names in os.walk(directory) for n in names
+             if "tfevents" in n]
+    for path in files:
+        with open(path, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            header = data[pos:pos + 8]
+            (n,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
+            record = data[pos + 12:pos + 12 + n]
+            crc = struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0]
+            assert crc == masked_crc32c(record), path
+            pos += 16 + n
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[event.step] = v.simple_value
+                elif v.HasField("tensor"):
+                    out.setdefault(v.tag, {})[event.step] = v.tensor.float_val[0]
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
+def test_pruning_steps_bf16_frozen_and_tensorboard(tmp_path, worlds):
+    """One short run checks four README claims: only the last `train.keep_checkpoints`
+    step dirs remain and `jaxground.load(WORKDIR, step=N)` gives step N (a pruned step is a
+    clear error); `model.frozen_dtype=bfloat16` stores and holds the frozen parameters in
+    bf16 while the trainable ones stay fp32, and training runs; WORKDIR/tb holds the losses
+    metrics.jsonl has."""
+    import orbax.checkpoint as ocp
+
+    from jaxground.training.optim import trainable_filter
+
+    wd = tmp_path / "run"
+    trainable = "projector,grounding_heads"
+    run(train_cmd(wd, worlds, "--config.train.steps=4", "--config.train.checkpoint_every=1",
+                  "--config.train.keep_checkpoints=2", "--config.model.frozen_dtype=bfloat16",
+                  f"--config.train.trainable={trainable}"))
+    rows = metrics(wd)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["finite"] and np.isfinite(r["loss"]) for r in rows), rows
+
+    # Pruning: steps 1 and 2 were saved, then deleted.
+    ckdir = wd / "checkpoints"
+    assert complete_steps(wd) == [3, 4], os.listdir(ckdir)
+    assert not [n for n in os.listdir(ckdir) if "tmp" in n]
+
+    # Earlier step: what Orbax holds for step 3, read here without jaxground's loader.
+    def stored(step):
+        with ocp.PyTreeCheckpointer() as c:
+            raw = c.restore(str(ckdir / str(step) / "state"))
+        assert int(raw["step"]) == step
+        flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)
+                             for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+        frozen, trained = flat(raw["frozen"]), flat(raw["trainable"])
+        assert frozen and trained and not set(frozen) & set(trained)
+        return {**frozen, **trained}
+
+    def loaded(**kw):
+        model = jaxground.load(str(wd), **kw)
+        state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return model, {jax.tree_util.keystr(p): v
+                       for p, v in jax.tree_util.tree_leaves_with_path(state)}
+
+    model3, at3 = loaded(step=3)
+    _, latest = loaded()
+    raw3, raw4 = stored(3), stored(4)
+    assert set(at3) == set(raw3) == set(latest)
+    for k in at3:
+        np.testing.assert_array_equal(np.asarray(at3[k]), raw3[k], err_msg=k)
+        np.testing.assert_array_equal(np.asarray(latest[k]), raw4[k], err_msg=k)
+    moved = [k for k in at3 if not np.array_equal(np.asarray(at3[k]), np.asarray(latest[k]))]
+    assert moved and all("projector" in k or "grounding_heads" in k for k in moved), moved
+    with pytest.raises(FileNotFoundError, match=r"step 1 .*steps: \[3, 4\]"):
+        jaxground.load(str(wd), step=1)
+
+    # frozen_dtype: the checkpoint stores, and the restored model holds, the frozen
+    # parameters in bf16; the trainable ones stay fp32.
+    with ocp.PyTreeCheckpointer() as c:
+        meta = c.metadata(str(ckdir / "4" / "state"))
+    meta = getattr(meta, "item_metadata", meta)
+    for part, dtype in (("frozen", np.dtype(jax.numpy.bfloat16)), ("trainable", np.float32)):
+        leaves = jax.tree_util.tree_leaves_with_path(meta[part])
+        assert leaves, part
+        for p, m in leaves:
+            if jax.numpy.issubdtype(m.dtype, jax.numpy.floating):
+                assert np.dtype(m.dtype) == dtype, (part, jax.tree_util.keystr(p), m.dtype)
+    trained = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        nnx.to_pure_dict(nnx.state(model3, trainable_filter(trainable))))}
+    assert trained and trained < set(at3)
+    for k, v in at3.items():
+        assert v.dtype == (jax.numpy.float32 if k in trained else jax.numpy.bfloat16), k
+    # Asking for a dtype casts every parameter, the stored-bf16 frozen ones too.
+    for name in ("float32", "bfloat16"):
+        cast = nnx.to_pure_dict(nnx.state(jaxground.load(str(wd), dtype=name), nnx.Param))
+        assert {v.dtype for v in jax.tree.leaves(cast)} == {np.dtype(getattr(jax.numpy, name))}
+
+    # TensorBoard: every train row's loss is in WORKDIR/tb at its step.
+    tb = tb_scalars(wd / "tb")
+    for key in ("loss", "lm_loss", "grounding_loss"):
+        assert tb.get(f"train/{key}", {}).keys() >= {1, 2, 3, 4}, sorted(tb)
+        for r in rows:
+            assert tb[f"train/{key}"][r["step"]] == pytest.approx(r[key], rel=1e-6), key
 
 
 def free_port():
