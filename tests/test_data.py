@@ -215,15 +215,61 @@ def load_tokenizer_stub():
         {"<unk>": 0}, unk_token="<unk>")), unk_token="<unk>")
 
 
+def _image_in_mode(mode):
+    """(an image in `mode` whose extra content matters, the RGB array it must become).
+
+    Alpha (RGBA, LA, a palette's per-entry transparency) varies over 0..255 and is dropped,
+    not composited: what PIL's convert("RGB") gives and LLaVA's loader
+    (`Image.open(f).convert("RGB")`) feeds CLIP. Grey is repeated in R, G and B; a palette
+    index becomes its palette colour; CMYK is PIL's own conversion."""
+    rng = np.random.RandomState(1)
+    h, w = 20, 30
+    rgb = rng.randint(0, 256, (h, w, 3), np.uint8)
+    alpha = rng.randint(0, 256, (h, w), np.uint8)
+    grey = rgb[..., 0]
+    if mode == "RGBA":
+        return Image.frombytes(mode, (w, h), np.dstack([rgb, alpha]).tobytes()), rgb
+    if mode == "LA":
+        return (Image.frombytes(mode, (w, h), np.dstack([grey, alpha]).tobytes()),
+                np.repeat(grey[..., None], 3, axis=-1))
+    if mode == "L":
+        return Image.frombytes(mode, (w, h), grey.tobytes()), np.repeat(grey[..., None], 3, -1)
+    if mode == "P":
+        palette = rng.randint(0, 256, (256, 3), np.uint8)
+        index = rng.randint(0, 256, (h, w), np.uint8)
+        im = Image.frombytes(mode, (w, h), index.tobytes())
+        im.putpalette(palette.tobytes())
+        im.info["transparency"] = bytes(rng.randint(0, 256, 256, np.uint8))  # per entry
+        return im, palette[index]
+    cmyk = rng.randint(0, 256, (h, w, 4), np.uint8)
+    im = Image.frombytes(mode, (w, h), cmyk.tobytes())
+    return im, np.asarray(im.convert("RGB"))
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "L", "CMYK", "P", "LA"])
 def test_image_modes_become_rgb(tmp_path, mode):
-    p = Processor(load_tokenizer_stub(), clip_image_processor(32), 4, 4)
-    im = Image.fromarray(np.random.RandomState(1).randint(0, 255, (20, 30, 3), np.uint8))
-    im = im.convert(mode)
-    path = str(tmp_path / ("x.png" if mode != "CMYK" else "x.jpg"))
+    """Pixel values of an image in any mode, in memory and read from a file, are the CLIP
+    processor's on its RGB conversion (see `_image_in_mode`); a palette with transparency
+    is converted through RGBA, without PIL's warning about it."""
+    import warnings
+
+    hf = clip_image_processor(32)
+    p = Processor(load_tokenizer_stub(), hf, 4, 4)
+    im, rgb = _image_in_mode(mode)
+    assert im.mode == mode
+    expected = hf(images=[Image.frombytes("RGB", im.size, np.ascontiguousarray(rgb).tobytes())],
+                  return_tensors="np")["pixel_values"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(p.pixel_values([im]), expected)
+    assert not [w for w in caught if "Transparency" in str(w.message)]
+    path = str(tmp_path / ("x.jpg" if mode == "CMYK" else "x.png"))  # PNG keeps alpha, tRNS
     im.save(path)
-    assert p.pixel_values([path]).shape == (1, 3, 32, 32)
-    assert p.pixel_values([im]).shape == (1, 3, 32, 32)
+    if mode == "CMYK":  # JPEG is lossy: the file's own pixels, converted by PIL
+        with Image.open(path) as f:
+            assert f.mode == "CMYK"
+            expected = hf(images=[f.convert("RGB")], return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(p.pixel_values([path]), expected)
 
 
 def pipeline_for(world, records, cfg, counter=None, image_root=None):
@@ -311,7 +357,7 @@ def test_two_processes_split_each_global_batch(world):
 
 def test_caption_bias_names_absent_partners_and_labels_them_absent(tmp_path):
     """Biased captions name a co-occurring partner the image lacks; the annotations (and so
-    the grounding labels) stay true; attribute labelling covers "blue square" in positives."""
+    the grounding labels) stay true; attribute labelling covers "a blue square" in positives."""
     cfg = shapes.WorldConfig(caption_bias=1.0, max_objects=3,
                              co_occur=(("circle", "square", 0.5),))
     shapes.write_world(str(tmp_path), 120, seed=3, cfg=cfg)
@@ -324,7 +370,7 @@ def test_caption_bias_names_absent_partners_and_labels_them_absent(tmp_path):
     assert_labels_match_annotations(records, index)
     positives = [r for r in records if r["label"] == "positive" and r["image_id"] in lonely]
     labelled = {(r["text"][s:e], lab) for r in positives for s, e, lab, _ in r["spans"]}
-    assert ("blue square", 0) in labelled and ("red circle", 1) in labelled
+    assert ("a blue square", 0) in labelled and ("a red circle", 1) in labelled
     # Edits keep the replaced object's colour, which describes something present: unlabelled.
     for r in records:
         if r["edit"] == "replace":
@@ -339,10 +385,13 @@ def test_caption_bias_names_absent_partners_and_labels_them_absent(tmp_path):
 def test_attribute_start_and_guidance_tokens(world):
     from jaxground.data.objects import attribute_start, token_ids, vocabulary_for
 
-    text = "A big red car and a dog near small cars"
-    assert text[attribute_start(text, text.index("car")):text.index("car") + 3] == "big red car"
-    assert attribute_start(text, text.index("dog")) == text.index("dog")  # "a" is no attribute
-    assert text[attribute_start(text, text.index("cars")):] == "small cars"
+    # The noun phrase: its article and attribute words ("an" commits to "orange" early).
+    text = "A big red car and a dog near small cars and an orange ring"
+    assert text[attribute_start(text, text.index("car")):text.index("car") + 3] == "A big red car"
+    assert text[attribute_start(text, text.index("dog")):text.index("dog") + 3] == "a dog"
+    assert text[attribute_start(text, text.index("cars")):text.index("cars") + 4] == "small cars"
+    assert text[attribute_start(text, text.index("ring")):] == "an orange ring"
+    assert attribute_start("the cat", 4) == 4  # "the" is not one of the articles labelled
     tok = load_tokenizer(world)
     vocab = vocabulary_for(list(shapes.SHAPES))
     plain, with_attrs = token_ids(tok, vocab), token_ids(tok, vocab, attributes=True)
@@ -350,3 +399,5 @@ def test_attribute_start_and_guidance_tokens(world):
     colour_ids = {tok.convert_tokens_to_ids(c) for c in shapes.COLOURS}
     assert shape_ids <= set(plain) and not colour_ids & set(plain)
     assert shape_ids | colour_ids <= set(with_attrs)
+    article_ids = {tok.convert_tokens_to_ids(a) for a in ("a", "an")}
+    assert article_ids <= set(with_attrs) and not article_ids & set(plain)

@@ -36,19 +36,24 @@ _KEEP = {"glass", "bus", "grass", "cross", "is", "this", "was", "has", "as", "it
          "bos", "ous", "les", "mrs", "dos"}
 _WORD = re.compile(r"[a-z]+")
 # Words describing an object's look ("a red car"). With attribute labelling, a mention's
-# grounding label also covers the attribute words right before it: a model names an object's
-# colour before the object, so that is where it can be told (and guided) not to.
+# grounding label also covers the attribute words right before it, and their article: a model
+# names an object's colour before the object, and English makes it choose "an" before "an
+# orange ring" even earlier, so that is where it can be told (and guided) not to.
 ATTRIBUTE_WORDS = frozenset(
     "red green blue yellow purple orange cyan pink white black brown gray grey silver gold "
     "small large big little tall wooden metal".split())
+ARTICLES = frozenset({"a", "an"})
 _TRAILING_WORD = re.compile(r"([a-z]+)\s+$")
 
 
 def attribute_start(text: str, start: int) -> int:
-    """Where the run of attribute words right before position `start` begins (`start`
-    itself when there is none): "a big red car" with start at "car" -> start of "big"."""
+    """Where the noun phrase before position `start` begins: the run of attribute words right
+    before it and the article before them (`start` itself when there is none): "a big red
+    car" with start at "car" -> start of "a"."""
     lowered = text.lower()
     while (m := _TRAILING_WORD.search(lowered, 0, start)) and m.group(1) in ATTRIBUTE_WORDS:
+        start = m.start(1)
+    if (m := _TRAILING_WORD.search(lowered, 0, start)) and m.group(1) in ARTICLES:
         start = m.start(1)
     return start
 
@@ -152,7 +157,7 @@ def token_ids(tokenizer, vocab: ObjectVocabulary, attributes: bool = False) -> l
     ids = set()
     words = set(vocab.synonyms) | set(vocab.double_words)
     if attributes:
-        ids.update(i for w in ATTRIBUTE_WORDS for text in (w, " " + w)
+        ids.update(i for w in ATTRIBUTE_WORDS | ARTICLES for text in (w, " " + w)
                    for i in tokenizer(text, add_special_tokens=False)["input_ids"])
     for w in words:
         for form in {w, _engine().plural_noun(w) or w}:
