@@ -242,7 +242,7 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
                                          decode_settings(cfg.eval, protocol, task))
         write_jsonl(samples, samples_path)
         if task in ("pope", "mme"):  # LLaVA's answer-file format, for its scripts too
-            write_jsonl(tasks.llava_answers(samples), os.path.join(out, ANSWERS_FILE))
+            write_jsonl(tasks.llava_answers(task, samples), os.path.join(out, ANSWERS_FILE))
     metrics = score_samples(task, samples, data, cfg, protocol, processor.tokenizer)
     step = stats.pop("step", step)
     results = {"task": task, "checkpoint": os.path.abspath(workdir),

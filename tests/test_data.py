@@ -1,6 +1,5 @@
 """Data: shapes world, negatives and their labels, token labels, processor, pipeline resume."""
 
-import dataclasses
 import filecmp
 import json
 import os

@@ -104,7 +104,8 @@ def test_a_gradient_above_clip_norm_acts_as_if_scaled_down_to_it():
 
 
 def test_updates_equal_a_clipped_adamw_chain_and_not_an_unclipped_one():
-    cfg = train_cfg(warmup_steps=1, weight_decay=0.05)
+    # b1, b2 off optax's defaults: the config's betas must reach AdamW.
+    cfg = train_cfg(warmup_steps=1, weight_decay=0.05, b1=0.7, b2=0.95)
     params = {"w": jnp.array([0.5, -1.0, 2.0])}
     grads = [{"w": BIG}, {"w": SMALL}, {"w": -2 * BIG}, {"w": SMALL * 0.1}]
     tx, _ = make_optimizer(cfg)
@@ -172,6 +173,17 @@ def test_no_accumulation_updates_every_step():
     ups, _ = run(tx, [{"w": G1}, {"w": G2}], {"w": jnp.zeros(3)})
     assert all(u.any() for u in ups)
     assert jax.tree.leaves(ups)[0].shape == (3,)
+
+
+def test_path_string_joins_nnx_and_pytree_paths():
+    from jax.tree_util import DictKey
+
+    from jaxground.training.optim import path_string
+
+    assert path_string(("language_model", "layers", 3, "kernel")) == "language_model/layers/3/kernel"
+    # jax.tree_util paths hold key objects: their .key is the name.
+    assert path_string((DictKey("projector"), DictKey("linear_1"), DictKey("kernel"))) == (
+        "projector/linear_1/kernel")
 
 
 def test_trainable_filter_selects_params_by_searched_regexes():

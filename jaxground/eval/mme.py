@@ -387,8 +387,8 @@ def score(records: list[dict], answers: list[dict], parser: str = "official") ->
                               "n_other": s["n_other"]}
     perception = [t for t in PERCEPTION if t in out_tasks]
     cognition = [t for t in COGNITION if t in out_tasks]
-    p = sum(out_tasks[t]["score"] for t in perception)
-    c = sum(out_tasks[t]["score"] for t in cognition)
+    p = float(sum(out_tasks[t]["score"] for t in perception))
+    c = float(sum(out_tasks[t]["score"] for t in cognition))
     return {"subtasks": out_tasks, "perception": p, "cognition": c, "total": p + c,
             "perception_subtasks": perception, "cognition_subtasks": cognition,
             "missing": missing, "unexpected": unexpected, "parser": parser}

@@ -197,10 +197,11 @@ def _answers(samples: list[dict]) -> list[dict]:
             for s in samples if "error" not in s]
 
 
-def llava_answers(samples: list[dict]) -> list[dict]:
+def llava_answers(task: str, samples: list[dict]) -> list[dict]:
     """Answer records in LLaVA's format ({"question_id", "prompt", "text"}): what
-    LLaVA's eval_pope.py / convert_answer_to_mme.py and our metric CLIs read."""
-    return _answers(samples)
+    LLaVA's eval_pope.py / convert_answer_to_mme.py and our metric CLIs read (MME's with
+    each image's two answers on adjacent lines, as its calculation.py pairs them)."""
+    return mme.llava_answers(samples) if task == "mme" else _answers(samples)
 
 
 def score_pope(samples: list[dict], parser: str = "llava") -> dict:
