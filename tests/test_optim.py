@@ -214,3 +214,11 @@ def test_trainable_filter_selects_params_by_searched_regexes():
     assert chosen(["norm"]) == ["vision/norm/bias", "vision/norm/scale"]  # searched, not anchored
     assert chosen(" vision/proj , ") == ["vision/proj/bias", "vision/proj/kernel"]
     assert len(chosen(".*")) == 8 and chosen("nothing") == []
+
+
+def test_warmup_over_the_whole_run_is_a_valid_schedule():
+    """warmup_steps == steps (validation allows it): the schedule still builds, warms up to
+    lr at the last step, and drops straight to the end value after it."""
+    s = learning_rate_schedule(train_cfg(warmup_steps=10, steps=10))
+    assert float(s(5)) == pytest.approx(5e-3) and float(s(10)) == pytest.approx(1e-2)
+    assert float(s(11)) == pytest.approx(1e-3)
