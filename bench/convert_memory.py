@@ -36,11 +36,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from jaxground.hf_convert import _flat  # noqa: E402
-from jaxground.hf_weights import hf_tensors, hub_layout  # noqa: E402
+from jaxground.utils.trees import flatten  # noqa: E402
+from jaxground.checkpoints.hf_weights import hf_tensors, hub_layout  # noqa: E402
 from jaxground.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from jaxground.models.llava import abstract_model, param_dict  # noqa: E402
-from jaxground.safetensors_io import write_safetensors  # noqa: E402
+from jaxground.checkpoints.safetensors_io import write_safetensors  # noqa: E402
 
 MiB = 1 << 20
 MAX_RATIO = 1.25  # the acceptance bound on peak RSS / checkpoint bytes
@@ -80,7 +80,7 @@ def param_bytes(config: LlavaConfig) -> int:
 def tensor_specs(config: LlavaConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(HF Hub key, torch-layout shape) of every tensor, without allocating any data: the key
     table runs over zero-stride broadcast views of the abstract parameter shapes."""
-    abstract = _flat(param_dict(abstract_model(config)))
+    abstract = flatten(param_dict(abstract_model(config)))
     views = {p: np.broadcast_to(np.zeros((), np.uint8), a.shape) for p, a in abstract.items()}
     return [(k, tuple(v.shape)) for k, v in hf_named(views)]
 

@@ -5,7 +5,7 @@
     .venv/bin/python bench/cpu_vs_hf.py --sections generate --wait-quiet 120  # B 1 and 8
 
 Builds the "mid" LLaVA (CLIP 6x384 @224/14 + LLaMA 8x512, vocab 32064) in transformers with
-random weights, saves it, converts it with `jaxground.hf_convert.hf_to_jaxground`, loads it
+random weights, saves it, converts it with `jaxground.checkpoints.hf_convert.hf_to_jaxground`, loads it
 with `jaxground.load`, then times each section for both frameworks and checks that the two
 agree. Results go to stdout as a table and to bench/out/cpu_vs_hf.json as
 {"machine": ..., "config": ..., "<section>": {...}}.
@@ -84,7 +84,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig,  # noqa: E402
                           LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration)
 
 import jaxground  # noqa: E402
-from jaxground.hf_convert import hf_to_jaxground  # noqa: E402
+from jaxground.checkpoints.hf_convert import hf_to_jaxground  # noqa: E402
 from jaxground.models import config as jg_config  # noqa: E402
 
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu_vs_hf.json")

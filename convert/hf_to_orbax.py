@@ -9,7 +9,7 @@ import resource
 import sys
 import time
 
-from jaxground.hf_convert import hf_to_jaxground
+from jaxground.checkpoints.hf_convert import hf_to_jaxground
 from jaxground.models.config import GROUNDING_TYPES, GroundingConfig
 
 

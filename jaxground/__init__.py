@@ -2,7 +2,7 @@
 
 from jaxground.models import LlavaConfig, LlavaModel, LlavaOutput
 from jaxground.inference import generate, score
-from jaxground.store import load, load_processor
+from jaxground.checkpoints import load, load_processor, restore_model
 
 __all__ = ["LlavaConfig", "LlavaModel", "LlavaOutput", "generate", "load", "load_processor",
-           "score"]
+           "restore_model", "score"]

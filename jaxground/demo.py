@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 
 DEMO_SEED = 0
@@ -45,9 +44,9 @@ def build_worlds(out: str, train_images: int, heldout_images: int, bias: float) 
 
 
 def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float):
-    from configs.shapes import get_config
+    from jaxground.training.config import shapes_config
 
-    cfg = get_config()
+    cfg = shapes_config()
     cfg.data.dir, cfg.data.eval_dir = train_dir, heldout_dir
     cfg.loss.grounding_weight = grounding_weight
     cfg.train.steps = args.steps
@@ -79,7 +78,7 @@ def train_model(cfg, workdir: str) -> float:
 def evaluate_model(cfg, workdir: str, heldout: str, guided: bool, contrast: str = "") -> dict:
     """POPE + CHAIR + token AUROC on the held-out split (captions generated once, for both
     CHAIR and the AUROC)."""
-    from jaxground.data.coco import read_jsonl
+    from jaxground.utils.jsonl import read_jsonl
     from jaxground.eval import tasks
     from jaxground.evaluate import SAMPLES_FILE, evaluate, output_dir
 
@@ -126,8 +125,6 @@ def main(argv=None) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only restore notices
-    # configs/ lives at the repository root, next to the package.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jaxground.eval import report
 
     t_start = time.perf_counter()

@@ -33,18 +33,19 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from jaxground import store
 from jaxground.data.objects import token_ids, vocabulary_for
-from jaxground.data.coco import read_jsonl, write_jsonl
+from jaxground.utils.jsonl import read_jsonl, write_jsonl
 from jaxground.data.processor import (TOKENIZER_FILES, Processor, clip_image_processor,
                                       load_tokenizer)
 from jaxground.eval import protocols, report, tasks
 from jaxground.inference.batching import DecodeSettings, generate_all, score_all
-from jaxground.training import sharding
-from jaxground.training.checkpoint import TRAIN_CONFIG_FILE, is_workdir, latest_step
+from jaxground.checkpoints import restore_model
+from jaxground.checkpoints.converted import read_config
+from jaxground.checkpoints.workdir import (TRAIN_CONFIG_FILE, init_from_of, is_workdir,
+                                          latest_step)
+from jaxground.parallel import sharding
 from jaxground.training.config import default_config, validate_eval, with_eval_defaults
 
 log = logging.getLogger("jaxground.evaluate")
@@ -94,12 +95,7 @@ def load_model(workdir: str, cfg, step: int | None):
     """The model placed on the config's mesh (parameters sharded by the logical-axis
     table; activations follow the parameters), in `eval.dtype` when set."""
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    model = store.load(workdir, dtype=cfg.eval.dtype or None, step=step)
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    nnx.replace_by_pure_dict(state, jax.device_put(params,
-                                                   sharding.tree_shardings(params, mesh)))
-    return nnx.merge(graphdef, state), mesh
+    return restore_model(workdir, dtype=cfg.eval.dtype or None, step=step, mesh=mesh), mesh
 
 
 def load_eval_processor(workdir: str, cfg, config, protocol: protocols.Protocol) -> Processor:
@@ -107,7 +103,8 @@ def load_eval_processor(workdir: str, cfg, config, protocol: protocols.Protocol)
     not necessarily the training data's."""
     source = workdir
     if not any(os.path.exists(os.path.join(workdir, n)) for n in TOKENIZER_FILES):
-        source = cfg.model.get("init_from") or workdir  # fine-tunes keep the base's tokenizer
+        # Fine-tunes keep the base's tokenizer.
+        source = init_from_of(workdir) or cfg.model.get("init_from") or workdir
     return Processor(load_tokenizer(source),
                      clip_image_processor(config.vision.image_size, source),
                      config.image_seq_length, config.image_token_id, protocol.template,
@@ -226,7 +223,7 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
     log.info("protocol %s", protocol.describe())
     out = out or output_dir(workdir, task, data, cfg)
     os.makedirs(out, exist_ok=True)
-    config = store.read_config(workdir)
+    config = read_config(workdir)
     processor = load_eval_processor(workdir, cfg, config, protocol)
     samples_path = os.path.join(out, SAMPLES_FILE)
     if rescore:
@@ -306,5 +303,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from jaxground import cli
+
+    cli.run(main, define_flags)

@@ -21,20 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from jaxground import store
 from jaxground.data import shapes
-from jaxground.data.coco import build_records, read_jsonl
+from jaxground.data.coco import build_records
+from jaxground.utils.auroc import auroc
+from jaxground.utils.jsonl import read_jsonl
 from jaxground.data.pipeline import PipelineConfig, build_dataset
 from jaxground.data.processor import load_tokenizer, make_processor
 from jaxground.models.config import PRESETS, LlavaConfig
-from jaxground.models.llava import abstract_model, fresh_grounding_heads, init_model
-from jaxground.training import sharding
-from jaxground.training.checkpoint import Checkpointer, write_train_config
+from jaxground.models.llava import init_model
+from jaxground.checkpoints import restore_model
+from jaxground.checkpoints.converted import read_config, write_config
+from jaxground.checkpoints.workdir import Checkpointer, write_train_config
+from jaxground.parallel import sharding
 from jaxground.training.config import grounding_config, validate
-from jaxground.training.losses import LossConfig, auroc
+from jaxground.training.losses import LossConfig
 from jaxground.training.optim import make_optimizer, trainable_filter
 from jaxground.training.step import BATCH_KEYS, compile_step, eval_fn, init_state, make_step_fn
 
@@ -92,7 +94,7 @@ def prepare_data(cfg, workdir: str):
 def model_config(cfg, tokenizer) -> LlavaConfig:
     m = cfg.model
     if m.init_from:
-        base = store.read_config(m.init_from)
+        base = read_config(m.init_from)
     elif m.preset == "shapes":
         base = PRESETS["shapes"](len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"))
     else:
@@ -107,22 +109,12 @@ def build_model(cfg, config: LlavaConfig, mesh):
     shardings; heads of another grounding config than the checkpoint's start fresh."""
     if not cfg.model.init_from:
         return init_model(config, seed=cfg.train.seed)
-    saved = store.read_config(cfg.model.init_from)
-    source = saved.replace(dtype=config.dtype, param_dtype=config.param_dtype)
-    abstract = nnx.state(abstract_model(source), nnx.Param)
-    shardings = sharding.tree_shardings(nnx.to_pure_dict(abstract), mesh)
-    params = store.restore_params(cfg.model.init_from, source, shardings)
+    saved = read_config(cfg.model.init_from)
     if saved.grounding != config.grounding:
         log.info("init_from has %s heads on layers %s; starting %s heads on layers %s fresh",
                  saved.grounding.type, list(saved.grounded_layers), config.grounding.type,
                  list(config.grounded_layers))
-        params["language_model"].pop("grounding_heads", None)
-        params["language_model"].update(
-            fresh_grounding_heads(config, cfg.train.seed).get("language_model", {}))
-    model = abstract_model(config)
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    return restore_model(cfg.model.init_from, config=config, mesh=mesh, seed=cfg.train.seed)
 
 
 # ---- logging ---------------------------------------------------------------------------------
@@ -203,8 +195,7 @@ def evaluate(evaluate_fn, state, eval_iter_fn, mesh, batches: int) -> dict:
     if not lm:
         return {}
     s, y = np.concatenate(scores), np.concatenate(labels)
-    roc = float(auroc(jnp.asarray(s), jnp.asarray(y), jnp.ones(len(s), bool))) if len(s) else \
-        float("nan")
+    roc = float(auroc(s, y))
     return {"lm_loss": float(np.mean(lm)), "grounding_auroc": roc, "labelled_tokens": len(s)}
 
 
@@ -222,7 +213,7 @@ def train(cfg, workdir: str) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     config = model_config(cfg, tokenizer)
     if jax.process_index() == 0:
-        store.write_config(workdir, config)
+        write_config(workdir, config)
         write_train_config(workdir, cfg)
         if not cfg.model.init_from:
             tokenizer.save_pretrained(workdir)  # so the workdir alone can be evaluated
@@ -357,5 +348,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from jaxground import cli
+
+    cli.run(main, define_flags)

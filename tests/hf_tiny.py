@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from jaxground.hf_weights import canonical_key
-from jaxground.safetensors_io import SafetensorsFile, write_safetensors
+from jaxground.checkpoints.hf_weights import canonical_key
+from jaxground.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 
 IMAGE_TOKEN = 250
 VOCAB = 256

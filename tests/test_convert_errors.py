@@ -10,9 +10,9 @@ import pytest
 
 import hf_tiny
 import jaxground
-from jaxground.hf_convert import ConversionError, hf_to_jaxground
+from jaxground.checkpoints.hf_convert import ConversionError, hf_to_jaxground
 from jaxground.models.config import ConfigError, LlavaConfig
-from jaxground.store import CONFIG_FILE, CheckpointError
+from jaxground.checkpoints.converted import CONFIG_FILE, CheckpointError
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import convert_memory  # noqa: E402  (bench/convert_memory.py: generator + runner)
 
 import jaxground  # noqa: E402
-from jaxground.hf_convert import _flat  # noqa: E402
+from jaxground.utils.trees import flatten  # noqa: E402
 
 SIZE_MB = 1536  # MiB of fp32 weights: >= 500 MB, and big enough that the baseline is small
 MAX_RATIO = convert_memory.MAX_RATIO
@@ -46,7 +46,7 @@ def test_conversion_peak_rss_within_1_25x_checkpoint(tmp_path):
     print(f"conversion memory: {s}")  # shown with -rP / -s
     # The spot checks first: a converter that keeps memory down by dropping data must fail.
     params = {p: np.asarray(v) for p, v in  # numpy views: the HF-layout transposes are free
-              _flat(nnx.to_pure_dict(nnx.state(jaxground.load(out), nnx.Param))).items()}
+              flatten(nnx.to_pure_dict(nnx.state(jaxground.load(out), nnx.Param))).items()}
     hf = dict(convert_memory.hf_named(params))
     for key in SPOT_CHECKS:
         want = convert_memory.tensor_value(key, ckpt["keys"][key], seed=3)

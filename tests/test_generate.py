@@ -11,7 +11,7 @@ from transformers import LlavaForConditionalGeneration
 
 import hf_tiny
 import jaxground
-from jaxground.hf_convert import hf_to_jaxground
+from jaxground.checkpoints.hf_convert import hf_to_jaxground
 from jaxground.models.config import GroundingConfig
 
 NEW = 20
@@ -213,6 +213,8 @@ def test_bad_inputs_are_explained(hf_dir, tmp_path):
         jaxground.generate(model, ids, px, attention_mask=mask)
     with pytest.raises(ValueError, match="cudnn"):
         jaxground.score(model, ids, px, mask)
+    with pytest.raises(ValueError, match="cudnn"):  # an eager forward checks it too
+        model(input_ids=ids, pixel_values=px, attention_mask=mask)
 
 
 @pytest.mark.parametrize("grounding", [

@@ -13,7 +13,7 @@ from scipy import stats
 
 import hf_tiny
 import jaxground
-from jaxground.hf_convert import hf_to_jaxground
+from jaxground.checkpoints.hf_convert import hf_to_jaxground
 from jaxground.models.config import GroundingConfig
 
 N = 10  # generated tokens

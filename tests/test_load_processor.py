@@ -6,7 +6,7 @@ from PIL import Image
 
 import hf_tiny
 import jaxground
-from jaxground.hf_convert import hf_to_jaxground
+from jaxground.checkpoints.hf_convert import hf_to_jaxground
 
 
 def test_processor_from_converted_dir_drives_the_model(tmp_path):

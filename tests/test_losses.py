@@ -2,6 +2,7 @@
 loss (which positions count), margin loss, LM cross-entropy (answer tokens of LM rows),
 total = lm + lambda * grounding, and the batch AUROC (ties count half)."""
 
+import functools
 import itertools
 
 import jax
@@ -11,7 +12,8 @@ import pytest
 
 from jaxground.eval.grounding_auroc import auroc as eval_auroc
 from jaxground.models.llava import LlavaOutput
-from jaxground.training.losses import (IGNORE, LossConfig, auroc, bce_grounding_loss,
+from jaxground.utils.auroc import auroc
+from jaxground.training.losses import (IGNORE, LossConfig, bce_grounding_loss,
                                        grounding_loss, lm_loss, margin_grounding_loss,
                                        total_loss)
 
@@ -218,8 +220,14 @@ def pair_auroc(s, y, valid):
 
 
 def j_auroc(s, y, valid=None):
+    """The AUROC as training computes it (jax.numpy, float32) and as evaluation does (NumPy,
+    float64), checked to agree."""
     valid = np.ones(len(s), bool) if valid is None else valid
-    return float(auroc(jnp.asarray(s, jnp.float32), jnp.asarray(y), jnp.asarray(valid)))
+    on_device = float(auroc(jnp.asarray(s, jnp.float32), jnp.asarray(y), jnp.asarray(valid),
+                            xp=jnp))
+    assert float(auroc(np.asarray(s), np.asarray(y), np.asarray(valid))) == \
+        pytest.approx(on_device, abs=1e-6, nan_ok=True)
+    return on_device
 
 
 def test_auroc_ties_count_half():
@@ -244,7 +252,8 @@ def test_auroc_with_many_ties_and_invalid_entries_matches_pair_counting():
     y2 = np.where(valid, y, 1)
     assert j_auroc(s2, y2, valid) == pytest.approx(want, abs=1e-6)
     # Jit-able with static shapes; NaN when a class is absent.
-    jitted = jax.jit(auroc)(jnp.asarray(s), jnp.asarray(y), jnp.asarray(valid))
+    jitted = jax.jit(functools.partial(auroc, xp=jnp))(jnp.asarray(s), jnp.asarray(y),
+                                                        jnp.asarray(valid))
     assert float(jitted) == pytest.approx(want, abs=1e-6)
     assert np.isnan(j_auroc(s, np.ones(300, int), valid))
 

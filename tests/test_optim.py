@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxground.training.optim import learning_rate_schedule, make_optimizer
+from jaxground.training.optim import (applied_learning_rate, learning_rate_schedule,
+                                      make_optimizer)
 
 
 def train_cfg(**kw):
@@ -175,10 +176,30 @@ def test_no_accumulation_updates_every_step():
     assert jax.tree.leaves(ups)[0].shape == (3,)
 
 
+def test_logged_learning_rate_is_the_one_the_next_update_applies():
+    """Read from optax's own count: accumulation micro-steps do not advance it (the train
+    step counter does), so logging schedule(train step) would run ahead of the optimizer."""
+    params = {"w": jnp.array([1.0, -1.0, 0.5])}
+    for accum, micro_steps, updates in ((1, 3, 3), (2, 3, 1), (2, 4, 2)):
+        cfg = train_cfg(grad_accum=accum)
+        tx, schedule = make_optimizer(cfg)
+        _, state = run(tx, [{"w": G1}] * micro_steps, params)
+        assert float(applied_learning_rate(state, schedule)) == pytest.approx(
+            expected_lr(updates), rel=1e-6), (accum, micro_steps)
+    # And it is the rate of the update that follows: AdamW's first step on a fresh
+    # optimizer is -lr * sign(g) (bias-corrected moments; no weight decay here).
+    cfg = train_cfg(warmup_steps=0)
+    tx, schedule = make_optimizer(cfg)
+    state = tx.init(params)
+    lr = float(applied_learning_rate(state, schedule))
+    update, _ = tx.update({"w": G1 * 1e-3}, state, params)
+    np.testing.assert_allclose(np.asarray(update["w"]), -lr * np.sign(G1), rtol=1e-4)
+
+
 def test_path_string_joins_nnx_and_pytree_paths():
     from jax.tree_util import DictKey
 
-    from jaxground.training.optim import path_string
+    from jaxground.utils.trees import path_string
 
     assert path_string(("language_model", "layers", 3, "kernel")) == "language_model/layers/3/kernel"
     # jax.tree_util paths hold key objects: their .key is the name.
@@ -189,7 +210,8 @@ def test_path_string_joins_nnx_and_pytree_paths():
 def test_trainable_filter_selects_params_by_searched_regexes():
     from flax import nnx
 
-    from jaxground.training.optim import path_string, trainable_filter
+    from jaxground.training.optim import trainable_filter
+    from jaxground.utils.trees import path_string
 
     class Tower(nnx.Module):
         def __init__(self, rngs):

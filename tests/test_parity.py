@@ -15,8 +15,8 @@ from transformers import LlavaForConditionalGeneration
 
 import hf_tiny
 import jaxground
-from jaxground import store
-from jaxground.hf_convert import hf_to_jaxground
+from jaxground.checkpoints import converted
+from jaxground.checkpoints.hf_convert import hf_to_jaxground
 
 REPO = __file__.rsplit("/tests/", 1)[0]
 
@@ -100,12 +100,12 @@ def test_cli_round_trip_to_hf(tmp_path):
     assert r.returncode == 0, r.stderr
     # Non-default heads: a config beyond what the CLI sets, and random non-zero parameters
     # (the tanh gate too, 0 at init) that fresh heads would not reproduce.
-    config = store.read_config(str(tmp_path / "jg"))
+    config = converted.read_config(str(tmp_path / "jg"))
     assert config.grounding.type == "cross_attention" and list(config.grounded_layers) == [0, 2]
     config = config.replace(grounding=dataclasses.replace(
         config.grounding, num_heads=4, aggregate="max", image_features="hidden",
         init_scale=3.0, init_bias=-0.5))
-    params = store.restore_params(str(tmp_path / "jg"), config)
+    params = converted.restore_params(str(tmp_path / "jg"), config)
     rng = np.random.default_rng(0)
     heads = jax.tree.map(lambda a: (rng.standard_normal(a.shape) + 0.5).astype(a.dtype),
                          params["language_model"]["grounding_heads"])
@@ -113,7 +113,7 @@ def test_cli_round_trip_to_hf(tmp_path):
     assert {"['gate']", "['q_proj']['kernel']"} <= set(flat_heads)
     assert all(np.all(v != 0) for v in flat_heads.values())
     params["language_model"]["grounding_heads"] = heads
-    store.save_params(str(tmp_path / "jg"), config, params)
+    converted.save_params(str(tmp_path / "jg"), config, params)
 
     r = run("convert/orbax_to_hf.py", "--ckpt", str(tmp_path / "jg"), "--out",
             str(tmp_path / "back"))
@@ -135,8 +135,8 @@ def test_cli_round_trip_to_hf(tmp_path):
     # And back to jaxground with no grounding options: the side file's heads and config.
     again = hf_to_jaxground(str(tmp_path / "back"), str(tmp_path / "jg_again"))
     assert again.grounding == config.grounding
-    assert store.read_config(str(tmp_path / "jg_again")).grounding == config.grounding
-    restored = store.restore_params(str(tmp_path / "jg_again"), again)
+    assert converted.read_config(str(tmp_path / "jg_again")).grounding == config.grounding
+    restored = converted.restore_params(str(tmp_path / "jg_again"), again)
     flat_back = flat(restored["language_model"]["grounding_heads"])
     assert set(flat_back) == set(flat_heads)
     for k, v in flat_heads.items():

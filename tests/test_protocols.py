@@ -117,7 +117,7 @@ def test_prompt_without_the_image_token_is_a_clear_error():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """A tiny random HF LLaVA converted with its (WordLevel) tokenizer, and POPE files."""
-    from jaxground.hf_convert import hf_to_jaxground
+    from jaxground.checkpoints.hf_convert import hf_to_jaxground
 
     root = tmp_path_factory.mktemp("protocols")
     hf = hf_tiny.build_hf("mha", seed=3)
@@ -176,10 +176,10 @@ def test_batch_of_8_answers_equal_batch_of_1(converted):
     import jaxground
     from jaxground.data.processor import load_tokenizer
     from jaxground.inference.batching import DecodeSettings, generate_all
-    from jaxground import store
+    from jaxground.checkpoints import converted
 
     path = str(converted / "jg")
-    model, config = jaxground.load(path), store.read_config(path)
+    model, config = jaxground.load(path), converted.read_config(path)
     processor = Processor(load_tokenizer(path), clip_image_processor(28, path),
                           config.image_seq_length, config.image_token_id, "vicuna_v1", True)
     settings = DecodeSettings(max_new_tokens=24)

@@ -17,6 +17,7 @@ from flax import nnx
 
 import jaxground
 from jaxground.data import shapes
+from jaxground.models.llava import abstract_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,10 +281,18 @@ def test_pruning_steps_bf16_frozen_and_tensorboard(tmp_path, worlds):
     assert trained and trained < set(at3)
     for k, v in at3.items():
         assert v.dtype == (jax.numpy.float32 if k in trained else jax.numpy.bfloat16), k
-    # Asking for a dtype casts every parameter, the stored-bf16 frozen ones too.
+    # Asking for a dtype casts every parameter, the stored-bf16 frozen ones too, to what
+    # the model in that dtype holds (the heads' calibration scalars stay float32).
     for name in ("float32", "bfloat16"):
-        cast = nnx.to_pure_dict(nnx.state(jaxground.load(str(wd), dtype=name), nnx.Param))
-        assert {v.dtype for v in jax.tree.leaves(cast)} == {np.dtype(getattr(jax.numpy, name))}
+        model = jaxground.load(str(wd), dtype=name)
+        cast = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        policy = nnx.to_pure_dict(nnx.state(abstract_model(model.config), nnx.Param))
+        dtypes = jax.tree.map(lambda a, b: (a.dtype, b.dtype), cast, policy)
+        assert all(a == b for a, b in jax.tree.leaves(
+            dtypes, is_leaf=lambda x: isinstance(x, tuple)))
+        assert {v.dtype for k, v in jax.tree_util.tree_leaves_with_path(cast)
+                if "grounding_heads" not in jax.tree_util.keystr(k)} == \
+            {np.dtype(getattr(jax.numpy, name))}
 
     # TensorBoard: every train row's loss is in WORKDIR/tb at its step.
     tb = tb_scalars(wd / "tb")
@@ -291,6 +300,47 @@ def test_pruning_steps_bf16_frozen_and_tensorboard(tmp_path, worlds):
         assert tb.get(f"train/{key}", {}).keys() >= {1, 2, 3, 4}, sorted(tb)
         for r in rows:
             assert tb[f"train/{key}"][r["step"]] == pytest.approx(r[key], rel=1e-6), key
+
+
+def test_a_trained_workdir_exports_to_hf_and_back(tmp_path, worlds):
+    """orbax_to_hf.py --ckpt WORKDIR: HF's LlavaForConditionalGeneration loads the export
+    with logits equal to jaxground.load(WORKDIR)'s, and converting the export back gives
+    the trained heads and their config exactly."""
+    import hf_tiny
+    from transformers import LlavaForConditionalGeneration
+
+    from jaxground.checkpoints.converted import read_config, restore_params
+    from jaxground.checkpoints.hf_convert import hf_to_jaxground
+
+    wd, out = tmp_path / "run", tmp_path / "hf"
+    run(train_cmd(wd, worlds, "--config.train.steps=2", "--config.grounding.type=learned",
+                  "--config.grounding.dim=16", "--config.data.workers=0"))
+    r = run([sys.executable, "convert/orbax_to_hf.py", "--ckpt", str(wd), "--out", str(out)])
+    assert "grounding_heads.safetensors" in r.stdout
+    assert {"config.json", "tokenizer.json"} <= set(os.listdir(out)), os.listdir(out)
+    assert "metrics.jsonl" not in os.listdir(out)  # only what an HF dir holds
+
+    ours = jaxground.load(str(wd))
+    c = ours.config
+    rng = np.random.RandomState(0)
+    text = [int(t) for t in rng.randint(0, c.text.vocab_size, 40) if t != c.image_token_id]
+    ids = np.array([text[:3] + [c.image_token_id] * c.image_seq_length + text[3:12]])
+    mask = np.ones_like(ids)
+    px = rng.randn(1, 3, c.vision.image_size, c.vision.image_size).astype(np.float32)
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out), attn_implementation="eager")
+    want = hf_tiny.hf_logits(hf.eval(), ids, mask, px)
+    got = np.asarray(ours(input_ids=ids, pixel_values=px, attention_mask=mask).logits)
+    assert np.abs(got - want).max() <= 1e-4
+
+    hf_to_jaxground(str(out), str(tmp_path / "back"))
+    back = read_config(str(tmp_path / "back"))
+    assert back.grounding == c.grounding
+    heads = restore_params(str(tmp_path / "back"), back)["language_model"]["grounding_heads"]
+    trained = nnx.to_pure_dict(nnx.state(ours, nnx.Param))["language_model"]["grounding_heads"]
+    for (p, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(heads),
+                              jax.tree_util.tree_leaves_with_path(trained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                      err_msg=jax.tree_util.keystr(p))
 
 
 def free_port():
@@ -337,16 +387,26 @@ def test_nan_batches_are_skipped_then_stop(tmp_path, worlds):
     assert metrics(wd2)[-1]["step"] == 3
 
 
-def test_config_mistakes_fail_before_compiling(tmp_path, worlds):
-    r = subprocess.run(train_cmd(tmp_path / "a", worlds, "--config.train.lrr=1"), cwd=REPO,
-                       env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "lrr" in r.stderr
-    r = subprocess.run(train_cmd(tmp_path / "b", worlds, "--config.train.steps=0"), cwd=REPO,
-                       env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "config.train.steps: 0 must be positive" in r.stderr
-    r = subprocess.run(train_cmd(tmp_path / "c", worlds, "--config.grounding.layers=9"),
-                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "grounding.layers [9]" in r.stderr
+def test_config_mistakes_fail_before_compiling_in_one_line(tmp_path, worlds):
+    """A user's mistake is one line on stderr and a non-zero exit, never a traceback."""
+    def last_line(cmd):
+        r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode != 0, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        return r.stderr.strip().splitlines()[-1]
+
+    assert last_line(train_cmd(tmp_path / "a", worlds, "--config.train.stepz=1")) == \
+        'error: \'stepz\' Did you mean "steps" instead of "stepz"?'
+    assert last_line(train_cmd(tmp_path / "b", worlds, "--config.train.steps=0")) == \
+        "error: config.train.steps: 0 must be positive"
+    assert "grounding.layers [9]" in last_line(
+        train_cmd(tmp_path / "c", worlds, "--config.grounding.layers=9"))
+    assert "configs/nope.py" in last_line(train_cmd(tmp_path / "d", worlds,
+                                                    config="configs/nope.py"))
+    assert last_line([sys.executable, "-m", "jaxground.evaluate", "--workdir",
+                      str(tmp_path / "missing"), "--task", "pope", "--data", str(tmp_path)]) \
+        == f"error: --workdir {tmp_path / 'missing'} does not exist"
 
 
 @pytest.mark.slow
@@ -367,7 +427,7 @@ def test_llava_preset_fine_tunes_a_converted_checkpoint(tmp_path, worlds):
     """configs/llava_1_5_7b.py's recipe (bf16 compute, frozen CLIP + LLM in bf16, projector
     and heads trained, frozen weights not saved) on a tiny converted HF model."""
     import hf_tiny
-    from jaxground.hf_convert import hf_to_jaxground
+    from jaxground.checkpoints.hf_convert import hf_to_jaxground
 
     hf = hf_tiny.build_hf("mha", seed=3)
     hf_tiny.save_hf(hf, str(tmp_path / "hf"))

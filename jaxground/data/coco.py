@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 
 from jaxground.data.objects import ObjectVocabulary, attribute_start, singular, vocabulary_for
+from jaxground.utils.jsonl import write_jsonl
 
 STRATEGIES = ("random", "popular", "adversarial")
 _POPULAR_POOL = 3  # "popular" draws among the most frequent absent categories
@@ -213,39 +214,6 @@ def build_records(coco_dir: str, strategies=STRATEGIES, kinds=("caption", "quest
     if "question" in kinds:
         records.extend(question_records(index, vocab, strategies, rng))
     return records
-
-
-def write_jsonl(records, path: str) -> None:
-    """Written to a temporary file first: a crash never leaves half a file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Records from a JSON-lines file, or from a JSON array (some benchmark files named
-    .json are either)."""
-    return [r for _, r in read_numbered_jsonl(path)]
-
-
-def read_numbered_jsonl(path: str) -> list[tuple[str, dict]]:
-    """[(where, record)] of `read_jsonl`: `where` is "path:line" (JSON lines) or "path[i]"
-    (a JSON array), for error messages that point at the record."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        return [(f"{path}[{i}]", r) for i, r in enumerate(json.loads(text))]
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-    return out
 
 
 def main(argv=None) -> None:

@@ -31,9 +31,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from scipy.stats import rankdata
 
 from jaxground.data.objects import ObjectVocabulary
+from jaxground.utils.auroc import auroc as ties_half_auroc
 
 # report name -> (signal name, sign making higher = more likely real)
 ORIENTATION = {"grounding": ("grounding", 1.0), "nll": ("logprob", 1.0),
@@ -53,12 +53,7 @@ def _binary(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 def auroc(scores, labels) -> float:
     """P(score of a random positive > score of a random negative) + 0.5 * P(tie)."""
     s, y = _binary(scores, labels)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    # Mann-Whitney U: average ranks give a tied pair exactly half a win.
-    u = rankdata(s)[y].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    return float(ties_half_auroc(s, y))
 
 
 def average_precision(scores, labels) -> float:

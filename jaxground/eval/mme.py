@@ -57,7 +57,7 @@ import argparse
 import json
 import os
 
-from jaxground.data.coco import read_numbered_jsonl
+from jaxground.utils.jsonl import read_jsonl, read_numbered_jsonl, write_jsonl
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
@@ -424,10 +424,6 @@ def llava_answers(samples: list[dict]) -> list[dict]:
     return [a for group in order.values() for a in group]
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    return [r for _, r in read_numbered_jsonl(path)]
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="MME questions / scoring (official calculation "
                                             "or lmms-eval).")
@@ -447,14 +443,12 @@ def main(argv=None) -> None:
     records = (read_llava_questions(args.questions, args.root) if args.questions
                else read_mme(args.root))
     if args.write_questions:
-        with open(args.write_questions, "w") as f:
-            for q in llava_questions(records):
-                f.write(json.dumps(q, ensure_ascii=False) + "\n")
+        write_jsonl(llava_questions(records), args.write_questions, sort_keys=False)
         print(f"wrote {len(records)} questions to {args.write_questions}")
     if args.write_answers and not args.answers:
         p.error("--write-answers needs --answers")
     if args.answers:
-        answers = _read_jsonl(args.answers)
+        answers = read_jsonl(args.answers)
         result = score(records, answers, parser=args.parser)
         for name, m in result["subtasks"].items():
             print(f"{name:24s} score {m['score']:7.2f}  acc {m['acc']:6.2f}  acc+ "
@@ -470,9 +464,7 @@ def main(argv=None) -> None:
             joined = [{"question_id": r["question_id"],
                        "prompt": r.get("prompt") or prompt(r["question"]), "text": a["text"]}
                       for r, a in pairs if a is not None]
-            with open(args.write_answers, "w") as f:
-                for a in llava_answers(joined):
-                    f.write(json.dumps(a, ensure_ascii=False) + "\n")
+            write_jsonl(llava_answers(joined), args.write_answers, sort_keys=False)
             print(f"wrote {len(joined)} answers to {args.write_answers}")
 
 

@@ -50,7 +50,7 @@ import json
 import os
 import re
 
-from jaxground.data.coco import read_numbered_jsonl
+from jaxground.utils.jsonl import read_numbered_jsonl
 
 # LLaVA-1.5's POPE questions end with this line (a newline, then the instruction).
 PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."

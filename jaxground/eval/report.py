@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxground.eval import heatmap
 from jaxground.eval.tasks import caption_prompt
+from jaxground.utils.jsonl import read_jsonl
 
 
 def _f(x, digits: int = 4) -> str:
@@ -290,8 +291,6 @@ def demo_checks(results: dict) -> list[tuple[str, bool | None, str]]:
 def training_curves(out: str, runs: dict[str, str], path: str) -> str:
     """LM loss, grounding loss (train) and held-out grounding AUROC of each run, from its
     metrics.jsonl, side by side."""
-    import json
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -302,8 +301,7 @@ def training_curves(out: str, runs: dict[str, str], path: str) -> str:
               ("eval", "grounding_auroc", "grounding AUROC (held-out tokens)"))
     axes = fig.subplots(1, len(panels))
     for name, workdir in runs.items():
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
         for ax, (split, key, title) in zip(axes, panels):
             pts = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
             if pts:

@@ -144,7 +144,7 @@ def given_caption_data(path: str, caption_prompt: str, image_root: str | None = 
     """Caption records (jaxground's grounding records: "image", "text", "spans" [start, end,
     label, category], positives and their hallucinated edits) to score teacher forced.
     Images lie under `image_root` (default: the records file's folder)."""
-    from jaxground.data.coco import read_jsonl
+    from jaxground.utils.jsonl import read_jsonl
 
     records = [r for r in read_jsonl(path) if r.get("kind", "caption") == "caption"]
     if not records:

@@ -35,7 +35,7 @@ from flax import nnx, struct
 
 from jaxground.inference import contrast as contrast_lib
 from jaxground.models.grounding import aggregate
-from jaxground.models.llava import LlavaModel, check_image_tokens
+from jaxground.models.llava import LlavaModel, check_image_tokens, check_padding_supported
 
 
 @struct.dataclass
@@ -159,13 +159,6 @@ def check_contrast(contrast, pixel_values, guided: bool, alpha, beta) -> None:
     if not alpha >= 0 or not 0 <= beta <= 1:
         raise ValueError(f"need contrast_alpha >= 0 and 0 <= contrast_beta <= 1, got "
                          f"{alpha}, {beta}")
-
-
-def check_padding_supported(cfg, mask) -> None:
-    """cuDNN's fused attention here is causal-only: padded rows would attend to padding."""
-    if cfg.text.attention_impl == "cudnn" and np.min(mask) == 0:
-        raise ValueError("text.attention_impl='cudnn' ignores padding; use 'xla' for padded "
-                         "batches (rows of different lengths)")
 
 
 def token_mask(tokens, vocab: int) -> jax.Array:

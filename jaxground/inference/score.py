@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxground.inference.generate import check_padding_supported
-from jaxground.models.llava import LlavaModel, check_image_tokens
+from jaxground.models.llava import LlavaModel, check_image_tokens, check_padding_supported
 
 
 @struct.dataclass

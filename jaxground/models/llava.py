@@ -69,6 +69,13 @@ def check_image_tokens(input_ids, pixel_values, cfg: LlavaConfig) -> None:
             "were expected; expand '<image>' with the processor")
 
 
+def check_padding_supported(cfg: LlavaConfig, mask) -> None:
+    """cuDNN's fused attention here is causal-only: padded rows would attend to padding."""
+    if cfg.text.attention_impl == "cudnn" and mask is not None and np.min(mask) == 0:
+        raise ValueError("text.attention_impl='cudnn' ignores padding; use 'xla' for padded "
+                         "batches (rows of different lengths)")
+
+
 class LlavaModel(nnx.Module):
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -109,6 +116,7 @@ class LlavaModel(nnx.Module):
         if not isinstance(input_ids, jax.core.Tracer):
             # Called eagerly: validate with concrete values, then run compiled.
             check_image_tokens(input_ids, pixel_values, self.config)
+            check_padding_supported(self.config, attention_mask)
             return _forward_jit(self, jnp.asarray(input_ids),
                                 None if pixel_values is None else jnp.asarray(pixel_values),
                                 None if attention_mask is None else jnp.asarray(attention_mask),

@@ -90,6 +90,27 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def shapes_config() -> ml_collections.ConfigDict:
+    """The embedded default (configs/shapes.py, the demo): a tiny LLaVA trained from
+    scratch on the synthetic shapes world, attribute words labelled with their object."""
+    c = default_config()
+    c.model.preset = "shapes"
+    c.grounding.layers = ""          # the last four of the tiny decoder's layers
+    c.grounding.type = "similarity"
+    c.loss.grounding_weight = 1.0
+    c.data.label_attributes = True   # the colour before a shape is labelled with it
+    c.data.world_images = 2000
+    c.data.eval_world_images = 200
+    c.data.groups_per_batch = 8
+    c.data.max_length = 96
+    c.train.steps = 400
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 20
+    c.train.checkpoint_every = 100
+    c.train.eval_every = 100
+    return c
+
+
 def llava_1_5_config(preset: str) -> ml_collections.ConfigDict:
     """Grounding fine-tuning of a converted LLaVA-1.5 (7B or 13B): bf16 compute, fp32
     master copies of the trainable projector + heads, frozen CLIP and LLM kept in bf16."""

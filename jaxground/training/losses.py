@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxground.utils.auroc import auroc
+
 IGNORE = -100
 
 
@@ -65,22 +67,6 @@ def margin_grounding_loss(scores_bt, grounding_labels_bt, grounding_mask_bt, is_
     return jnp.sum(jnp.where(valid_b, hinge_b, 0.0)) / jnp.maximum(valid_b.sum(), 1)
 
 
-def auroc(scores_n, labels_n, valid_n):
-    """Area under the ROC curve of scores for labels in {0, 1} over valid entries:
-    P(positive > negative) + 0.5 * P(tie), as the evaluation's AUROC (NaN if a class is
-    absent). Static shapes, jit-able."""
-    s = scores_n.astype(jnp.float32)
-    pos = valid_n & (labels_n == 1)
-    neg = valid_n & (labels_n == 0)
-    n_pos, n_neg = pos.sum(), neg.sum()
-    neg_sorted = jnp.sort(jnp.where(neg, s, jnp.inf))  # non-negatives pad the top
-    below = jnp.searchsorted(neg_sorted, s, side="left")  # negatives scored lower
-    not_above = jnp.minimum(jnp.searchsorted(neg_sorted, s, side="right"), n_neg)
-    wins = below + 0.5 * (not_above - below)
-    u = jnp.sum(jnp.where(pos, wins, 0.0))
-    return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1), jnp.nan)
-
-
 def grounding_loss(output, batch: dict, cfg: LossConfig):
     labels, mask = batch["grounding_labels"], output.grounding_mask
     if cfg.grounding_loss == "bce":
@@ -106,7 +92,7 @@ def total_loss(output, batch: dict, cfg: LossConfig):
     labels = batch["grounding_labels"]
     labelled = (labels >= 0) & output.grounding_mask
     metrics["grounding_auroc"] = auroc(output.grounding.reshape(-1), labels.reshape(-1),
-                                       labelled.reshape(-1))
+                                       labelled.reshape(-1), xp=jnp)
     metrics["grounding_loss"] = g
     loss = lm if cfg.grounding_weight == 0 else lm + cfg.grounding_weight * g
     return loss, {**metrics, "loss": loss}

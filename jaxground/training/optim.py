@@ -5,13 +5,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import jax
 import optax
 from flax import nnx
 
-
-def path_string(path) -> str:
-    """'language_model/grounding_heads/scale' for an NNX state path."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+from jaxground.utils.trees import path_string
 
 
 def trainable_filter(patterns: Sequence[str] | str):
@@ -51,3 +49,16 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
     if train_cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=train_cfg.grad_accum)
     return tx, schedule
+
+
+def applied_learning_rate(opt_state, schedule: optax.Schedule):
+    """The learning rate the optimizer's next update applies: the schedule at optax's own
+    update count. Not at the train step: skipped (non-finite) steps and accumulation
+    micro-steps advance the step but not that count."""
+    counts = [s.count for s in jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        if isinstance(s, optax.ScaleByScheduleState)]
+    if len(counts) != 1:
+        raise ValueError(f"expected one scheduled learning rate in the optimizer state, "
+                         f"found {len(counts)}")
+    return schedule(counts[0])

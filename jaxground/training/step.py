@@ -18,6 +18,7 @@ import optax
 from flax import nnx, struct
 
 from jaxground.training.losses import LossConfig, total_loss
+from jaxground.training.optim import applied_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def make_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             opt_state=keep(opt_state, state.opt_state),
             bad_steps=jnp.where(finite, 0, state.bad_steps + 1))
         metrics = {**metrics, "grad_norm": grad_norm, "finite": finite,
-                   "bad_steps": new_state.bad_steps, "lr": schedule(state.step)}
+                   "bad_steps": new_state.bad_steps,
+                   "lr": applied_learning_rate(state.opt_state, schedule)}
         return new_state, metrics
 
     return step

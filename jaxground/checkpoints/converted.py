@@ -1,4 +1,4 @@
-"""jaxground checkpoint dirs: our model config (JSON) + an Orbax checkpoint of the parameters.
+"""Converted checkpoint dirs: our model config (JSON) + an Orbax checkpoint of the parameters.
 
 Layout of a converted checkpoint dir:
   jaxground_config.json   the LlavaConfig
@@ -13,13 +13,13 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from jaxground.models.config import LlavaConfig, dtype_of
-from jaxground.models.llava import LlavaModel, abstract_model, param_dict
+from jaxground.models.config import LlavaConfig
+from jaxground.models.llava import abstract_model, param_dict
+from jaxground.parallel.sharding import param_shardings
+from jaxground.utils.trees import leaves_by_path, nest
 
 CONFIG_FILE = "jaxground_config.json"
 PARAMS_DIR = "params"
@@ -29,20 +29,10 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the model it should restore into."""
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = nested
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return nested
-
-
 def save_params(out_dir: str, config: LlavaConfig, params: dict) -> None:
     """Writes config + parameters. `params`: nested dict, or flat {path tuple: array}."""
     if params and isinstance(next(iter(params)), tuple):
-        params = _nest(params)
+        params = nest(params)
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with ocp.Checkpointer(_save_handler()) as ckptr:  # synchronous: returns when written
@@ -88,18 +78,13 @@ def read_config(path: str) -> LlavaConfig:
         return LlavaConfig.from_dict(json.load(f))
 
 
-def _leaves_with_paths(tree) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def check_against_metadata(params_dir: str, target) -> None:
     """Compares stored shapes with the target tree; raises naming every mismatch."""
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(params_dir)
     meta_tree = getattr(meta, "item_metadata", meta)
-    stored = {k: tuple(v.shape) for k, v in _leaves_with_paths(meta_tree).items()}
-    wanted = {k: tuple(v.shape) for k, v in _leaves_with_paths(target).items()}
+    stored = {k: tuple(v.shape) for k, v in leaves_by_path(meta_tree).items()}
+    wanted = {k: tuple(v.shape) for k, v in leaves_by_path(target).items()}
     missing = sorted(set(wanted) - set(stored))
     extra = sorted(set(stored) - set(wanted))
     shapes = sorted(f"{k}: stored {list(stored[k])}, model expects {list(wanted[k])}"
@@ -112,18 +97,12 @@ def check_against_metadata(params_dir: str, target) -> None:
                               "\n  ".join(problems))
 
 
-def restore_params(path: str, config: LlavaConfig, shardings=None) -> dict[str, Any]:
-    """Nested parameter dict of jax arrays in `config.param_dtype` (cast on restore).
-
-    `shardings`: a pytree of `jax.sharding.Sharding` matching the parameters, or None for
-    the first local device.
-    """
+def restore_params(path: str, config: LlavaConfig, mesh=None) -> dict[str, Any]:
+    """Nested parameter dict of jax arrays in `config.param_dtype` (cast on restore), each
+    read straight onto its sharding on `mesh` (None: the first local device)."""
     abstract = param_dict(abstract_model(config))
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+                          abstract, param_shardings(abstract, mesh))
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir} is missing: no parameters in {path}")
@@ -132,61 +111,13 @@ def restore_params(path: str, config: LlavaConfig, shardings=None) -> dict[str, 
         return ckptr.restore(params_dir, target)
 
 
-def load(path: str, dtype: str | Any = None, shardings=None, step: int | None = None
-         ) -> LlavaModel:
-    """The NNX LLaVA model stored in a converted checkpoint dir, or in a training workdir
-    (its latest checkpoint, or `step`).
-
-    `dtype` ("float32", "bfloat16" or a jnp dtype) overrides both the parameter and the
-    compute dtype; parameters are cast while restoring.
-    """
-    config = read_config(path)
-    if dtype is not None:
-        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-        dtype_of(name)
-        config = config.replace(param_dtype=name, dtype=name)
-    from jaxground.training import checkpoint  # a training workdir
-
-    if checkpoint.is_workdir(path):
-        model = checkpoint.load_trained(path, config, step)
-        # Training checkpoints restore each array in its stored dtype (frozen weights may be
-        # bf16 beside fp32 trainable ones): cast when a dtype is asked for.
-        return cast_floats(model, config.param_dtype) if dtype is not None else model
-    params = restore_params(path, config, shardings)
-    model = abstract_model(config)
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-def cast_floats(model: LlavaModel, dtype_name: str) -> LlavaModel:
-    """The model with every floating-point parameter cast to `dtype_name`."""
-    graphdef, state = nnx.split(model)
-    target = dtype_of(dtype_name)
-    params = jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating)
-                          else x, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-def load_processor(path: str):
-    """The HF LLaVA processor (tokenizer + CLIP image processor) saved next to the weights."""
-    from transformers import AutoProcessor, AutoTokenizer, LlavaProcessor
-
-    from jaxground.data.processor import TOKENIZER_FILES, clip_image_processor
-
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint dir {path} does not exist")
-    has_tokenizer = any(os.path.exists(os.path.join(path, n)) for n in TOKENIZER_FILES)
-    if not has_tokenizer:
-        raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer.model) in "
-                                f"{path}; convert from an HF dir that has them")
-    if os.path.exists(os.path.join(path, "processor_config.json")):
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
-    config = read_config(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    image_processor = clip_image_processor(config.vision.image_size, path)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                          patch_size=config.vision.patch_size,
-                          vision_feature_select_strategy=config.vision_feature_select_strategy,
-                          num_additional_image_tokens=1)
+def restore_params_for(path: str, config: LlavaConfig, mesh=None) -> dict[str, Any]:
+    """The parameters of the converted dir `path` for a model of `config` (its dtypes; its
+    grounding heads only where they are the stored ones: heads of another grounding config
+    are left out, for the caller to start fresh)."""
+    saved = read_config(path)
+    params = restore_params(path, saved.replace(dtype=config.dtype,
+                                                param_dtype=config.param_dtype), mesh)
+    if saved.grounding != config.grounding:
+        params["language_model"].pop("grounding_heads", None)
+    return params

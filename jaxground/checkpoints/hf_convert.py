@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
-from jaxground import store
-from jaxground.hf_weights import canonical_key, hf_tensors, hub_layout, nnx_target
+from jaxground.checkpoints import converted
+from jaxground.checkpoints.hf_weights import canonical_key, hf_tensors, hub_layout, nnx_target
 from jaxground.models.config import ConfigError, GroundingConfig, LlavaConfig
 from jaxground.models.llava import abstract_model, fresh_grounding_heads, param_dict
-from jaxground.safetensors_io import (HEADS_FILE, SafetensorsFile, iter_checkpoint_files,
+from jaxground.utils.trees import flatten
+from jaxground.checkpoints.safetensors_io import (HEADS_FILE, SafetensorsFile, iter_checkpoint_files,
                                       write_safetensors)
 
 HEADS_PREFIX = ("language_model", "grounding_heads")
@@ -168,7 +169,7 @@ def _ranges(xs: list[int]) -> str:
 def load_hf_params(hf_dir: str, config: LlavaConfig, allow_pickle: bool = False
                    ) -> dict[tuple[str, ...], np.ndarray]:
     """Flat {NNX path: array in config.param_dtype} read tensor by tensor from `hf_dir`."""
-    abstract = _flat(param_dict(abstract_model(config)))
+    abstract = flatten(param_dict(abstract_model(config)))
     heads = grounding_heads(hf_dir, config)
     expected = {p: tuple(a.shape) for p, a in abstract.items() if p not in heads}
     plan = _plan(tensor_sources(hf_dir, allow_pickle), expected, config.tie_word_embeddings)
@@ -212,7 +213,7 @@ def _fill(dest: np.ndarray, src: _Source, target) -> None:
 def grounding_heads(hf_dir: str, config: LlavaConfig) -> dict[tuple[str, ...], np.ndarray]:
     """Head parameters: from `grounding_heads.safetensors` (written by `jaxground_to_hf`)
     when present, else freshly initialised (HF checkpoints have no heads)."""
-    fresh = {p: np.asarray(v) for p, v in _flat(fresh_grounding_heads(config)).items()}
+    fresh = {p: np.asarray(v) for p, v in flatten(fresh_grounding_heads(config)).items()}
     if not fresh:
         return {}
     path = os.path.join(hf_dir, HEADS_FILE)
@@ -227,24 +228,32 @@ def grounding_heads(hf_dir: str, config: LlavaConfig) -> dict[tuple[str, ...], n
     return {p: st.read(saved[p]).astype(fresh[p].dtype) for p in fresh}
 
 
-def _flat(nested: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for k, v in nested.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
+# What an HF dir needs beside its weights to be used (training workdirs hold other files).
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+                   "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+                   "generation_config.json")
 
 
-def copy_side_files(hf_dir: str, out_dir: str, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Copies tokenizer / processor / generation files (everything but weights and the
-    names in `exclude`)."""
+def processor_sources(ckpt_dir: str) -> list[str]:
+    """Where a checkpoint's processor files are: the dir itself, then (a workdir that
+    fine-tuned a converted model) its `model.init_from`."""
+    from jaxground.checkpoints.workdir import init_from_of, is_workdir
+
+    init_from = init_from_of(ckpt_dir) if is_workdir(ckpt_dir) else ""
+    return [ckpt_dir] + ([init_from] if init_from and os.path.isdir(init_from) else [])
+
+
+def copy_side_files(hf_dir: str, out_dir: str, exclude: tuple[str, ...] = (),
+                    only: tuple[str, ...] | None = None) -> list[str]:
+    """Copies tokenizer / processor / generation files: everything but weights and the
+    names in `exclude`, or only the names in `only`."""
     copied = []
     for name in sorted(os.listdir(hf_dir)):
         src = os.path.join(hf_dir, name)
         if (os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES)
-                and name not in WEIGHT_INDEXES and name not in exclude):
+                and name not in WEIGHT_INDEXES and name not in exclude
+                and (only is None or name in only)):
             shutil.copy2(src, os.path.join(out_dir, name))
             copied.append(name)
     return copied
@@ -265,14 +274,22 @@ def hf_to_jaxground(hf_dir: str, out_dir: str, dtype: str | None = None,
     params = load_hf_params(hf_dir, config, allow_pickle)
     os.makedirs(out_dir, exist_ok=True)
     copy_side_files(hf_dir, out_dir)
-    store.save_params(out_dir, config, params)
+    converted.save_params(out_dir, config, params)
     return config
 
 
-def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30) -> list[str]:
-    """Writes `config.json` + safetensors shards (+ index when sharded); returns file names."""
-    config = store.read_config(ckpt_dir)
-    params = {p: np.asarray(v) for p, v in _flat(store.restore_params(ckpt_dir, config)).items()}
+def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30,
+                    step: int | None = None) -> list[str]:
+    """Writes `config.json` + safetensors shards (+ index when sharded); returns file names.
+
+    `ckpt_dir`: a converted dir, or a training workdir (its latest checkpoint, or `step`;
+    the weights it did not save come from its `model.init_from`).
+    """
+    from jaxground.checkpoints.restore import restore_params_tree
+
+    config, tree = restore_params_tree(ckpt_dir, step=step)
+    params = {p: np.asarray(v) for p, v in flatten(tree).items()}
+    del tree
     os.makedirs(out_dir, exist_ok=True)
     heads = {p: params.pop(p) for p in list(params) if p[:2] == HEADS_PREFIX}
     if heads:  # HF's LLaVA has no heads: they travel in a side file HF ignores
@@ -298,7 +315,9 @@ def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30)
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     # Tokenizer / processor files travel along; config.json is written fresh below.
-    copy_side_files(ckpt_dir, out_dir, exclude=(store.CONFIG_FILE, "config.json"))
+    for source in processor_sources(ckpt_dir):
+        copy_side_files(source, out_dir, only=PROCESSOR_FILES,
+                        exclude=tuple(os.listdir(out_dir)))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=2)
     return names + ([HEADS_FILE] if heads else []) + ["config.json"]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxground.training.optim import path_string
+from jaxground.utils.trees import path_string
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -118,6 +118,15 @@ def tree_shardings(tree, mesh):
     return jax.tree_util.tree_map_with_path(
         lambda p, x: NamedSharding(mesh, spec_for(path_string(p), tuple(x.shape), mesh))
         if hasattr(x, "shape") and len(x.shape) else NamedSharding(mesh, P()), tree)
+
+
+def param_shardings(params, mesh=None):
+    """Shardings of a parameter tree (arrays or ShapeDtypeStructs) on `mesh` by the
+    logical-axis table; without a mesh, everything on the first local device."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, params)
+    return tree_shardings(params, mesh)
 
 
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:

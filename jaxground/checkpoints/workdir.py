@@ -1,4 +1,4 @@
-"""Training checkpoints: Orbax CheckpointManager with the train state and the data iterator.
+"""Training workdirs: Orbax CheckpointManager with the train state and the data iterator.
 
 Each step directory holds `state` (step, trainable and frozen parameters, optimizer state,
 RNG, bad-step count) and `data` (the grain iterator state, one JSON per process). Saves are
@@ -17,8 +17,11 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxground.checkpoints.converted import CheckpointError, restore_params_for
 from jaxground.models.config import LlavaConfig
-from jaxground.models.llava import LlavaModel, abstract_model
+from jaxground.models.llava import abstract_model, param_dict
+from jaxground.parallel.sharding import param_shardings
+from jaxground.utils.trees import merge
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -94,65 +97,98 @@ def latest_step(workdir: str) -> int | None:
         return mgr.latest_step()
 
 
-def load_trained(workdir: str, config: LlavaConfig, step: int | None = None,
-                 base_params: dict | None = None) -> LlavaModel:
-    """The model of a training checkpoint (latest step, or `step`).
+def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None = None,
+                           mesh=None, cast: bool = False) -> dict:
+    """Nested parameters of a training checkpoint (latest step, or `step`), each array
+    restored straight onto its sharding on `mesh` (None: the first local device).
 
-    `base_params` (nested dict) supplies parameters the checkpoint does not hold (frozen
-    ones when `train.save_frozen` was off).
+    Arrays keep their stored dtype (frozen weights may be bf16 beside fp32 trainable ones)
+    unless `cast`, which restores each in the dtype the model of `config` gives it (its
+    `param_dtype`; the heads' calibration scalars stay float32). Parameters
+    the checkpoint does not hold (frozen ones when `train.save_frozen` was off) come from
+    the run's `model.init_from`. Only parameters are read: the optimizer state (2x the
+    trainable ones) never is.
     """
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    abstract = param_dict(abstract_model(config))
+    shardings = param_shardings(abstract, mesh)
     with _read_only(directory) as mgr:
         step = mgr.latest_step() if step is None else step
         if step is None or step not in mgr.all_steps():
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} "
                                     f"in {directory} (steps: {list(mgr.all_steps())})")
         meta = mgr.item_metadata(step)["state"]
-        wanted = {k: v for k, v in meta.items() if k in ("trainable", "frozen") and v}
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              wanted)
-    # Only the parameters: the optimizer state (2x the trainable ones) is never read.
+    wanted = {k: v for k, v in meta.items() if k in ("trainable", "frozen") and v}
+
+    def target(part: str):
+        def leaf(path, m):
+            where = (part,) + tuple(str(getattr(k, "key", k)) for k in path)
+            found, model_leaf = _lookup(shardings, where[1:]), _lookup(abstract, where[1:])
+            if found is None:
+                raise CheckpointError(f"{directory}/{step}: {'/'.join(where)} is not a "
+                                      f"parameter of the model config")
+            if tuple(m.shape) != tuple(model_leaf.shape):
+                raise CheckpointError(f"{directory}/{step}: {'/'.join(where)} is stored with "
+                                      f"shape {list(m.shape)}, the model config expects "
+                                      f"{list(model_leaf.shape)}")
+            dtype = model_leaf.dtype if cast else m.dtype
+            return jax.ShapeDtypeStruct(m.shape, dtype, sharding=found)
+        return jax.tree_util.tree_map_with_path(leaf, wanted[part])
+
+    targets = {part: target(part) for part in wanted}
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(
             os.path.join(directory, str(step), "state"),
             args=ocp.args.PyTreeRestore(
-                item=target, partial_restore=True,
-                restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding),
-                                          target)))
-    if "frozen" not in restored and base_params is None:
-        base_params = _frozen_from_init(workdir, config)
-    params = _merge(base_params or {}, restored.get("frozen", {}))
-    params = _merge(params, restored["trainable"])
-    model = abstract_model(config)
-    graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+                item=targets, partial_restore=True,
+                restore_args=jax.tree.map(
+                    lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype),
+                    targets)))
+    base = {}
+    if "frozen" not in restored:
+        init_from = init_from_of(workdir)
+        base = restore_params_for(init_from, config, mesh) if init_from else {}
+    return merge(merge(base, restored.get("frozen", {})), restored["trainable"])
 
 
-def _frozen_from_init(workdir: str, config: LlavaConfig) -> dict:
-    """Parameters of `model.init_from` (the run did not save its frozen ones)."""
-    from jaxground import store
+def _lookup(tree, path: tuple[str, ...]):
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
 
+
+def read_train_config(workdir: str) -> dict | None:
+    """The run's config as saved (train_config.json), or None if there is none."""
     path = os.path.join(workdir, TRAIN_CONFIG_FILE)
-    init_from = json.load(open(path))["model"]["init_from"] if os.path.exists(path) else ""
-    if not init_from:
-        return {}
-    saved = store.read_config(init_from).replace(dtype=config.dtype,
-                                                 param_dtype=config.param_dtype)
-    params = store.restore_params(init_from, saved)
-    if saved.grounding != config.grounding:
-        params["language_model"].pop("grounding_heads", None)
-    return params
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
+def init_from_of(workdir: str) -> str:
+    """The run's `model.init_from`, resolved: a relative path is relative to the workdir
+    (how train.py saves it); older runs saved it relative to where they were started."""
+    saved = read_train_config(workdir) or {}
+    return resolve_init_from(workdir, saved.get("model", {}).get("init_from", ""))
+
+
+def resolve_init_from(workdir: str, init_from: str) -> str:
+    if not init_from or os.path.isabs(init_from):
+        return init_from
+    beside = os.path.normpath(os.path.join(workdir, init_from))
+    return beside if os.path.isdir(beside) or not os.path.isdir(init_from) else init_from
 
 
 def write_train_config(workdir: str, cfg) -> None:
+    """The run's config; `model.init_from` relative to the workdir, so a workdir moved
+    together with its base checkpoint still finds it."""
+    saved = cfg.to_dict()
+    init_from = saved.get("model", {}).get("init_from")
+    if init_from:
+        saved["model"]["init_from"] = os.path.relpath(os.path.abspath(init_from),
+                                                      os.path.abspath(workdir))
     with open(os.path.join(workdir, TRAIN_CONFIG_FILE), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, default=str)
+        json.dump(saved, f, indent=2, default=str)

@@ -1,0 +1,78 @@
+"""One way into a model: `restore_model` reads a converted dir or a training workdir.
+
+Every array is read straight onto its final sharding (the mesh's, by the logical-axis
+table) in its final dtype: no host copy of the whole model, no single-device detour, so a
+model that fits the mesh restores on it. Train (`model.init_from`), evaluate, export, the
+demo and `jaxground.load` all come through here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxground.checkpoints.converted import read_config, restore_params_for
+from jaxground.checkpoints.workdir import is_workdir, restore_trained_params
+from jaxground.models.config import LlavaConfig, dtype_of
+from jaxground.models.llava import LlavaModel, abstract_model, fresh_grounding_heads
+from jaxground.parallel.sharding import param_shardings
+
+
+def restore_params_tree(path: str, *, config: LlavaConfig | None = None, step: int | None = None,
+                        dtype: str | Any = None, mesh=None, seed: int = 0
+                        ) -> tuple[LlavaConfig, dict]:
+    """(config, nested parameters) that `restore_model` builds its model from."""
+    saved = read_config(path)
+    config = saved if config is None else config
+    if dtype is not None:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+        dtype_of(name)  # an unknown name fails here, naming the choices
+        config = config.replace(param_dtype=name, dtype=name)
+    if is_workdir(path):
+        if config.grounding != saved.grounding:
+            raise ValueError(f"{path} was trained with {saved.grounding.type} heads on layers "
+                             f"{list(saved.grounded_layers)}; restore it with its own grounding "
+                             "config (start other heads from it with model.init_from)")
+        params = restore_trained_params(path, config, step, mesh, cast=dtype is not None)
+    else:
+        if step is not None:
+            raise ValueError(f"{path} is a converted checkpoint dir: it has no steps "
+                             f"(step={step})")
+        params = restore_params_for(path, config, mesh)
+    if config.grounded_layers and "grounding_heads" not in params.get("language_model", {}):
+        # Heads of another grounding config (or none stored): start them fresh, seeded.
+        heads = fresh_grounding_heads(config, seed)
+        params["language_model"].update(jax.device_put(
+            heads, param_shardings(heads, mesh))["language_model"])
+    return config, params
+
+
+def restore_model(path: str, *, config: LlavaConfig | None = None, step: int | None = None,
+                  dtype: str | Any = None, mesh=None, seed: int = 0) -> LlavaModel:
+    """The NNX model stored at `path`: a converted checkpoint dir, or a training workdir
+    (its latest checkpoint, or `step`).
+
+    config  the model to build (default: the one saved at `path`); a converted dir may be
+            restored into another grounding config, whose heads start fresh (`seed`)
+    dtype   "float32", "bfloat16", ... : parameter and compute dtype, cast while reading
+            (default: as saved; a workdir's frozen weights may be bf16 beside fp32 ones)
+    mesh    a `jax.sharding.Mesh`: every parameter is restored onto its sharding there
+            (default: the first local device)
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint dir {path} does not exist")
+    config, params = restore_params_tree(path, config=config, step=step, dtype=dtype,
+                                         mesh=mesh, seed=seed)
+    graphdef, state = nnx.split(abstract_model(config))
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def load(path: str, dtype: str | Any = None, step: int | None = None, mesh=None
+         ) -> LlavaModel:
+    """`jaxground.load`: `restore_model` with the public argument order."""
+    return restore_model(path, dtype=dtype, step=step, mesh=mesh)
