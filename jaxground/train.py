@@ -35,7 +35,7 @@ from jaxground.checkpoints import restore_model
 from jaxground.checkpoints.converted import read_config, write_config
 from jaxground.checkpoints.workdir import Checkpointer, write_train_config
 from jaxground.parallel import sharding
-from jaxground.training.config import grounding_config, validate
+from jaxground.training.config import ConfigValueError, grounding_config, validate
 from jaxground.training.losses import LossConfig
 from jaxground.training.optim import make_optimizer, trainable_filter
 from jaxground.training.step import BATCH_KEYS, compile_step, eval_fn, init_state, make_step_fn
@@ -187,10 +187,10 @@ def evaluate(evaluate_fn, state, eval_iter_fn, mesh, batches: int) -> dict:
             break
         batch = sharding.global_batch({k: local[k] for k in BATCH_KEYS}, mesh)
         metrics, grounding, mask = evaluate_fn(state, batch)
-        lm.append(float(metrics["lm_loss"]))
-        g_labels = np.asarray(jax.device_get(batch["grounding_labels"]))
-        keep = np.asarray(jax.device_get(mask)) & (g_labels >= 0)
-        scores.append(np.asarray(jax.device_get(grounding))[keep])
+        lm.append(float(sharding.to_host(metrics["lm_loss"])))
+        g_labels = sharding.to_host(batch["grounding_labels"])
+        keep = sharding.to_host(mask) & (g_labels >= 0)
+        scores.append(sharding.to_host(grounding)[keep])
         labels.append(g_labels[keep])
     if not lm:
         return {}
@@ -207,6 +207,12 @@ def train(cfg, workdir: str) -> dict:
     mesh = sharding.make_mesh(dict(cfg.mesh))
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
              jax.process_count())
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.groups_per_batch % batch_devices:
+        raise ConfigValueError(
+            f"config.data.groups_per_batch={cfg.data.groups_per_batch}: a batch holds one "
+            f"image per pair, split over the mesh's data x fsdp = {batch_devices} devices; "
+            f"use a multiple of {batch_devices}")
 
     # data
     train_dir, records, eval_dir, eval_records, tok_dir = prepare_data(cfg, workdir)

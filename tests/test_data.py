@@ -291,14 +291,17 @@ def test_pipeline_resume_is_exact(world):
         got = next(fresh)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    # Rows pair up: a positive and its negative of the same group share the image.
+    # Rows pair up: a positive and its negative of the same group share one image, which
+    # the batch holds once (rows 2i and 2i+1 -> image i).
     b = straight[0]
-    np.testing.assert_array_equal(b["pixel_values"][0], b["pixel_values"][1])
+    assert b["input_ids"].shape[0] == 8 and b["pixel_values"].shape[0] == 4
+    assert len({b["pixel_values"][i].tobytes() for i in range(4)}) == 4
     assert b["is_positive"].tolist() == [True, False] * 4
 
 
-def test_corrupt_and_missing_images_are_skipped_and_counted(world, tmp_path):
-    records = [r for r in build_records(world, kinds=("caption",)) if r["image_id"] <= 6]
+def world_with_bad_images(world, records, tmp_path):
+    """A copy of `world` (symlinks) whose second image is a truncated JPEG and whose third
+    is missing; returns (dir, image names)."""
     images = sorted({r["image"] for r in records})
     jpeg = str(tmp_path / "x.jpg")
     Image.open(os.path.join(world, images[0])).save(jpeg, "JPEG")
@@ -311,16 +314,55 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(world, tmp_path):
     os.remove(bad_dir / images[1])
     (bad_dir / images[1]).write_bytes(good[:len(good) // 2])  # a truncated, corrupt JPEG
     os.remove(bad_dir / images[2])                # missing
+    return bad_dir, images
+
+
+def is_masked(batch, row):
+    return (not batch["lm_rows"][row] and (batch["labels"][row] == -100).all()
+            and (batch["grounding_labels"][row] == -1).all())
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(world, tmp_path):
+    records = [r for r in build_records(world, kinds=("caption",)) if r["image_id"] <= 6]
+    bad_dir, images = world_with_bad_images(world, records, tmp_path)
     counter = BadImageCounter()
     cfg = PipelineConfig(groups_per_batch=1, max_length=48, num_epochs=1)
     batches = list(pipeline_for(world, records, cfg, counter, str(bad_dir)))
     groups = {r["pair_id"] for r in records}
-    assert counter.count == 2 * len(groups) // 6 and len(batches) == len(groups) - counter.count
+    assert counter.count == 2 * len(groups) // 6
     assert any(images[1] in p for p in counter.paths) and any(images[2] in p for p in counter.paths)
+    # A skipped pair keeps its place, masked: nothing in it is learned or scored.
+    assert len(batches) == len(groups)
+    masked = [b for b in batches if is_masked(b, 0) and is_masked(b, 1)]
+    assert len(masked) == counter.count
+    good = [b for b in batches if b["lm_rows"][0]]
+    assert len(good) == len(groups) - counter.count
+    assert all((b["grounding_labels"] >= 0).any() for b in good)
     with pytest.raises(Exception, match="does not exist|cannot be decoded"):
         list(pipeline_for(world, records,
                           PipelineConfig(groups_per_batch=1, max_length=48, num_epochs=1,
                                          on_bad_image="error"), image_root=str(bad_dir)))
+
+
+def test_process_shards_make_the_one_process_batches_even_with_skipped_images(world,
+                                                                                tmp_path):
+    """Each of P processes takes its slice of every global batch; skipped pairs are masked
+    in place, so the slices put together are the one-process batches, and every process
+    has the same number of batches in an epoch."""
+    records = [r for r in build_records(world, kinds=("caption",)) if r["image_id"] <= 6]
+    bad_dir, _ = world_with_bad_images(world, records, tmp_path)
+    proc = Processor(load_tokenizer(world), clip_image_processor(64), 4, 4, max_length=48)
+    cfg = PipelineConfig(groups_per_batch=4, max_length=48, num_epochs=1)
+    one = list(build_dataset(records, proc, str(bad_dir), cfg, 0, 1))
+    assert any(is_masked(b, r) for b in one for r in range(8))
+    for count in (2, 4):
+        shards = [list(build_dataset(records, proc, str(bad_dir), cfg, i, count))
+                  for i in range(count)]
+        assert {len(s) for s in shards} == {len(one)}
+        for n, want in enumerate(one):
+            for k in want:
+                got = np.concatenate([s[n][k] for s in shards])
+                np.testing.assert_array_equal(got, want[k], err_msg=f"{count} {n} {k}")
 
 
 def test_worker_processes_resume_exactly(world):

@@ -202,6 +202,8 @@ def test_model_without_heads_gives_the_lm_loss():
                                LossConfig(grounding_weight=2.0))
     np.testing.assert_allclose(float(loss), lm_want, rtol=1e-6)
     assert np.isnan(float(metrics["grounding_auroc"]))
+    # The metrics a run logs are there, named as with heads.
+    assert float(metrics["loss"]) == float(loss) and float(metrics["grounding_loss"]) == 0.0
 
 
 def test_unknown_grounding_loss_is_an_error():
@@ -264,3 +266,43 @@ def test_batch_auroc_metric_of_total_loss():
     keep = (LABELS >= 0) & MASK
     want = pair_auroc(SCORES[keep], LABELS[keep], np.ones(keep.sum(), bool))
     assert float(metrics["grounding_auroc"]) == pytest.approx(want)
+
+
+def test_one_counted_token_is_its_own_mean():
+    """The means divide by the count: one labelled token (or one answer token) is not
+    halved or otherwise rescaled."""
+    labels = np.full(LABELS.shape, -1)
+    labels[0, 0] = 1
+    got = bce_grounding_loss(jnp.asarray(SCORES), jnp.asarray(labels), jnp.asarray(MASK))
+    np.testing.assert_allclose(float(got), np_bce(SCORES[0, 0], 1.0), rtol=1e-6)
+    logits = np.random.RandomState(1).randn(1, 4, 7).astype(np.float32)
+    lm_labels = np.array([[IGNORE, IGNORE, IGNORE, 5]])
+    got, count = lm_loss(jnp.asarray(logits), jnp.asarray(lm_labels), jnp.asarray([True]))
+    want, n = np_lm_loss(logits, lm_labels, [True])
+    assert int(count) == n == 1
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def test_margin_pairs_index_rows_past_the_sequence_length():
+    """More rows than tokens: partners are rows (up to B - 1), not positions."""
+    scores = np.array([[0.0, 0.0], [0.0, 0.0], [0.5, 0.0], [2.0, 0.0]], np.float32)
+    labels = np.array([[-1, -1], [-1, -1], [0, -1], [1, -1]])
+    got = margin_grounding_loss(jnp.asarray(scores), jnp.asarray(labels),
+                                jnp.ones((4, 2), bool), jnp.array([False, True, False, True]),
+                                jnp.array([1, 0, 3, 2]), margin=2.0)
+    # Only pair (3, 2) has tokens on both sides: relu(2 - (2.0 - 0.5)) = 0.5.
+    np.testing.assert_allclose(float(got), 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("empty_row", [0, 1])
+def test_margin_pair_with_a_side_that_has_no_tokens_does_not_count(empty_row):
+    """A pair counts only if the positive has present-object tokens and the negative has
+    hallucinated ones; an empty side would otherwise enter as a mean of 0."""
+    scores = np.array([[0.8, 0.0], [1.0, 0.0], [-1.0, 0.0], [4.0, 0.0]], np.float32)
+    labels = np.array([[0, -1], [1, -1], [0, -1], [1, -1]])
+    labels[empty_row] = -1
+    got = margin_grounding_loss(jnp.asarray(scores), jnp.asarray(labels),
+                                jnp.ones((4, 2), bool), jnp.array([False, True, False, True]),
+                                jnp.array([1, 0, 3, 2]), margin=10.0)
+    # Only pair (3, 2) is left: relu(10 - (4 - (-1))) = 5.
+    np.testing.assert_allclose(float(got), 5.0, rtol=1e-6)

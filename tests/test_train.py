@@ -351,11 +351,25 @@ def free_port():
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, worlds):
+    """Two processes, held-out evaluation on and corrupt training images (skipped pairs
+    stay in place, masked): they finish, log the held-out metrics, and every train and
+    eval number equals a one-process run's."""
+    import shutil
+
+    train_world = tmp_path / "world"
+    shutil.copytree(worlds[0], train_world)
+    images = sorted(os.listdir(train_world / "images"))
+    for name in images[::3]:  # a third of the images cannot be decoded
+        (train_world / "images" / name).write_bytes(b"not a png")
+    flags = ("--config.train.steps=2", "--config.train.eval_every=1",
+             "--config.train.eval_batches=2", "--config.loss.grounding_loss=margin")
+    world = (str(train_world), worlds[1])
     single = tmp_path / "single"
-    run(train_cmd(single, worlds, "--config.train.steps=2"))
+    one = run(train_cmd(single, world, *flags))
+    assert "skipping example" in one.stderr
     multi = tmp_path / "multi"
     port = free_port()
-    procs = [subprocess.Popen(train_cmd(multi, worlds, "--config.train.steps=2"), cwd=REPO,
+    procs = [subprocess.Popen(train_cmd(multi, world, *flags), cwd=REPO,
                               env=env(1, JAXGROUND_COORDINATOR=f"127.0.0.1:{port}",
                                       JAXGROUND_NUM_PROCESSES=2, JAXGROUND_PROCESS_ID=i),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -368,6 +382,12 @@ def test_two_processes_match_one(tmp_path, worlds):
     assert [r["step"] for r in b] == [1, 2]
     for ra, rb in zip(a, b):
         for k in ("loss", "lm_loss", "grounding_loss"):
+            assert abs(ra[k] - rb[k]) <= 1e-5, (ra["step"], k, ra[k], rb[k])
+    ea, eb = metrics(single, "eval"), metrics(multi, "eval")
+    assert [r["step"] for r in ea] == [r["step"] for r in eb] == [1, 2]
+    for ra, rb in zip(ea, eb):
+        assert ra["labelled_tokens"] == rb["labelled_tokens"] > 0
+        for k in ("lm_loss", "grounding_auroc"):
             assert abs(ra[k] - rb[k]) <= 1e-5, (ra["step"], k, ra[k], rb[k])
 
 

@@ -2,9 +2,15 @@
 
 source (groups of records sharing a pair_id) -> seeded shuffle -> repeat -> build one
 positive/negative pair per group (seeded per global index) -> this JAX process's slice of
-each global batch -> decode image + tokenize -> drop bad images (logged, counted) -> batch
-with padding to a fixed length -> optional multiprocess prefetch. The iterator's state (`get_state` / `set_state`) is small
+each global batch -> decode image + tokenize -> batch with padding to a fixed length ->
+optional multiprocess prefetch. The iterator's state (`get_state` / `set_state`) is small
 JSON-able data, saved with training checkpoints; resuming replays the exact batch sequence.
+
+A pair that cannot be used (a corrupt or missing image, a prompt too long; logged and
+counted) keeps its place as a masked placeholder: nothing in it is learned or scored. So
+every global index stays where it is, and the global batches are the same for any number
+of processes, and every process runs the same number of batches of a one-epoch pass (a
+filter would shift one process's batches and leave the others waiting in a collective).
 
 A group always yields two rows, paired: [positive, negative] for captions (a faithful
 caption and one of its hallucinated twins) and [yes, no] for POPE-style questions about
@@ -71,7 +77,7 @@ class BadImageCounter:
 
 
 class PairBuilder:
-    """One group -> a two-row example, or None when its image is bad and skipping."""
+    """One group -> a two-row example; a masked placeholder when it cannot be used."""
 
     def __init__(self, processor: Processor, image_root: str, cfg: PipelineConfig,
                  counter: BadImageCounter):
@@ -100,10 +106,10 @@ class PairBuilder:
             self.counter.count += 1
             self.counter.paths.append(path)
             log.warning("skipping example %s: %s", group["pair_id"], e)
-            return None
+            return self.placeholder()
         rows = [self._row(pos), self._row(neg)]
-        if any(r is None for r in rows):
-            return None
+        if any(r is None for r in rows):  # too long, on_too_long="drop"
+            return self.placeholder()
         question = group["kind"] == "question"
         return {"rows": rows, "pixel_values": pixels,
                 # Questions train the LM on both answers ("no" is faithful too); a
@@ -111,7 +117,23 @@ class PairBuilder:
                 "lm_rows": [True, question]}
 
 
-def collate(examples: list[dict], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    def placeholder(self) -> dict:
+        """A skipped pair's stand-in: the caption prompt alone (its labels all ignored, no
+        grounding labels) on a blank image, in neither row's LM loss."""
+        if not hasattr(self, "_placeholder"):
+            from PIL import Image
+
+            row = self.processor.encode(self.cfg.caption_prompt, on_too_long="error")
+            blank = self.processor.pixel_values([Image.new("RGB", (32, 32))])[0]
+            self._placeholder = {"rows": [row, row], "pixel_values": blank,
+                                 "lm_rows": [False, False]}
+        return self._placeholder
+
+
+def collate(examples: list[dict], max_length: int, pad_id: int,
+            first_row: int = 0) -> dict[str, np.ndarray]:
+    """Padded arrays of one process's rows; `first_row` is where they start in the global
+    batch (`pair_index` indexes the global batch, as the loss sees it)."""
     rows = [r for ex in examples for r in ex["rows"]]
     n = len(rows)
     out = {"input_ids": np.full((n, max_length), pad_id, np.int32),
@@ -124,10 +146,11 @@ def collate(examples: list[dict], max_length: int, pad_id: int) -> dict[str, np.
         out["attention_mask"][i, :t] = 1
         out["labels"][i, :t] = r["labels"]
         out["grounding_labels"][i, :t] = r["grounding_labels"]
-    out["pixel_values"] = np.stack([ex["pixel_values"] for ex in examples for _ in ex["rows"]])
+    # One image per example: its rows share it (`rows_per_image` in the model's forward).
+    out["pixel_values"] = np.stack([ex["pixel_values"] for ex in examples])
     out["lm_rows"] = np.array([f for ex in examples for f in ex["lm_rows"]])
     out["is_positive"] = np.arange(n) % 2 == 0
-    out["pair_index"] = (np.arange(n) ^ 1).astype(np.int32)
+    out["pair_index"] = (first_row + (np.arange(n) ^ 1)).astype(np.int32)
     return out
 
 
@@ -175,10 +198,12 @@ def build_dataset(records: list[dict], processor: Processor, image_root: str,
     ds = ds.random_map(PairBuilder(processor, image_root, cfg, counter or BadImageCounter()),
                        seed=cfg.seed + 1)
     ds = ProcessShard(ds, process_index, process_count, cfg.groups_per_batch)
-    it = ds.filter(lambda ex: ex is not None).to_iter_dataset()
+    it = ds.to_iter_dataset()
     pad_id = processor.tokenizer.pad_token_id or 0
-    it = it.batch(cfg.groups_per_batch // process_count, drop_remainder=True,
-                  batch_fn=lambda exs: collate(exs, cfg.max_length, pad_id))
+    local = cfg.groups_per_batch // process_count
+    first_row = 2 * local * process_index
+    it = it.batch(local, drop_remainder=True,
+                  batch_fn=lambda exs: collate(exs, cfg.max_length, pad_id, first_row))
     if cfg.workers > 0:
         from absl import flags
 

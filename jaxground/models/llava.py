@@ -124,14 +124,18 @@ class LlavaModel(nnx.Module):
         return self.forward(input_ids, pixel_values, attention_mask, position_ids)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None,
-                position_ids=None, patches: bool = False) -> LlavaOutput:
+                position_ids=None, patches: bool = False,
+                rows_per_image: int = 1) -> LlavaOutput:
         """Traceable forward; `__call__` routes eager calls here through `nnx.jit`.
-        `patches` adds `grounding_patches` (heatmaps)."""
+        `patches` adds `grounding_patches` (heatmaps). `rows_per_image` (static): image i
+        serves rows [i*r, (i+1)*r) (training pairs share their image: CLIP encodes it
+        once)."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        embeds_btd, image_mask_bt, ground = self.embed(input_ids, pixel_values, attention_mask)
+        embeds_btd, image_mask_bt, ground = self.embed(input_ids, pixel_values, attention_mask,
+                                                       rows_per_image)
         dec = self.language_model(embeds_btd, attention_mask, position_ids, ground,
                                   return_patches=patches)
         out = LlavaOutput(logits=self.logits(dec.hidden), image_mask=image_mask_bt)
@@ -143,7 +147,7 @@ class LlavaModel(nnx.Module):
                            grounding_patches=(None if dec.patches_gbtk is None
                                               else jnp.mean(dec.patches_gbtk, axis=0)))
 
-    def embed(self, input_ids, pixel_values, attention_mask):
+    def embed(self, input_ids, pixel_values, attention_mask, rows_per_image: int = 1):
         """Token embeddings with the projected image features merged in [B, T, D], the image
         mask [B, T], and the grounding inputs (None without images or heads)."""
         cfg = self.config
@@ -153,8 +157,10 @@ class LlavaModel(nnx.Module):
         embeds_btd = self.language_model.embed_tokens(safe_ids)
         ground = None
         if pixel_values is not None:
-            embeds_btd = merge_image_features(embeds_btd, image_mask_bt,
-                                              self.image_features(pixel_values))
+            features_npd = self.image_features(pixel_values)
+            if rows_per_image > 1:  # [N, P, D] -> [N * r, P, D], each image r times in a row
+                features_npd = jnp.repeat(features_npd, rows_per_image, axis=0)
+            embeds_btd = merge_image_features(embeds_btd, image_mask_bt, features_npd)
             if cfg.grounded_layers:
                 ground = self.grounding_inputs(embeds_btd, image_mask_bt, attention_mask)
         return embeds_btd, image_mask_bt, ground

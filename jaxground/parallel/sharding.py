@@ -139,3 +139,14 @@ def global_batch(local: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
             for k, v in local.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array as NumPy on every process. With several processes a
+    batch-sharded array is not addressable in full anywhere (`device_get` refuses it): the
+    processes exchange their shards."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

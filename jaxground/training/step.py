@@ -46,13 +46,21 @@ def init_state(model: nnx.Module, trainable_filter, tx: optax.GradientTransforma
     return graphdef, state
 
 
+def forward_batch(model, batch: dict):
+    """The model on a pipeline batch: one image per positive/negative pair [G, C, H, W] for
+    its two rows [2G, T], so the vision tower encodes each image once."""
+    rows_per_image = batch["input_ids"].shape[0] // batch["pixel_values"].shape[0]
+    return model.forward(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                         rows_per_image=rows_per_image)
+
+
 def make_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                  loss_cfg: LossConfig, schedule: optax.Schedule):
     """(state, batch) -> (state, metrics); pure, for jax.jit."""
 
     def loss_fn(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
-        out = model.forward(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        out = forward_batch(model, batch)
         return total_loss(out, batch, loss_cfg)
 
     def step(state: TrainState, batch: dict):
@@ -79,7 +87,7 @@ def make_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 def eval_fn(graphdef: nnx.GraphDef, loss_cfg: LossConfig):
     def evaluate(state: TrainState, batch: dict):
         model = nnx.merge(graphdef, state.trainable, state.frozen)
-        out = model.forward(batch["input_ids"], batch["pixel_values"], batch["attention_mask"])
+        out = forward_batch(model, batch)
         _, metrics = total_loss(out, batch, loss_cfg)
         return metrics, out.grounding, out.grounding_mask
     return evaluate
