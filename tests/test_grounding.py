@@ -311,6 +311,24 @@ def test_every_head_parameter_gets_a_gradient(head_type, loss_type):
         assert (np.abs(g).sum(-1) > 0).all(), f"{head_type}: zero gradient at {path}"
 
 
+@pytest.mark.parametrize("head_type", ["learned", "cross_attention"])
+def test_head_projections_follow_param_dtype_and_scalars_stay_float32(head_type):
+    """bf16 master weights make bf16 projections; the calibration scale, bias and gate stay
+    float32 (a bf16 logit offset would be too coarse)."""
+    from jaxground.models.llava import abstract_model
+
+    cfg = tiny().replace(param_dtype="bfloat16", dtype="bfloat16",
+                         grounding=GroundingConfig(type=head_type, layers=(1,), dim=16))
+    heads = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))[
+        "language_model"]["grounding_heads"]
+    dtypes = {jax.tree_util.keystr(p): str(v.dtype)
+              for p, v in jax.tree_util.tree_leaves_with_path(heads)}
+    scalars = {k for k in dtypes if k in ("['scale']", "['bias']", "['gate']")}
+    assert {dtypes[k] for k in scalars} == {"float32"}
+    assert len(dtypes) > len(scalars)
+    assert {v for k, v in dtypes.items() if k not in scalars} == {"bfloat16"}, dtypes
+
+
 def test_frozen_parameters_do_not_move():
     cfg = tiny().replace(grounding=GroundingConfig(type="learned", layers=(2, 3), dim=16))
     model = init_model(cfg)

@@ -306,3 +306,12 @@ def test_margin_pair_with_a_side_that_has_no_tokens_does_not_count(empty_row):
                                 jnp.array([1, 0, 3, 2]), margin=10.0)
     # Only pair (3, 2) is left: relu(10 - (4 - (-1))) = 5.
     np.testing.assert_allclose(float(got), 5.0, rtol=1e-6)
+
+
+def test_auroc_of_a_single_pair_and_without_a_class():
+    assert j_auroc([0.3, 0.7], [0, 1]) == 1.0
+    assert j_auroc([0.7, 0.3], [0, 1]) == 0.0
+    assert j_auroc([0.7, 0.3, 0.5], [0, 1, 1]) == 0.0
+    assert j_auroc([0.7, 0.3, 0.5], [0, 0, 1]) == 0.5
+    for labels in ([0, 0], [1, 1]):  # one class only: undefined, not 0
+        assert np.isnan(j_auroc([0.3, 0.7], labels))
