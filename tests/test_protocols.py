@@ -176,10 +176,10 @@ def test_batch_of_8_answers_equal_batch_of_1(converted):
     import jaxground
     from jaxground.data.processor import load_tokenizer
     from jaxground.inference.batching import DecodeSettings, generate_all
-    from jaxground.checkpoints import converted
+    from jaxground.checkpoints.converted import read_config
 
     path = str(converted / "jg")
-    model, config = jaxground.load(path), converted.read_config(path)
+    model, config = jaxground.load(path), read_config(path)
     processor = Processor(load_tokenizer(path), clip_image_processor(28, path),
                           config.image_seq_length, config.image_token_id, "vicuna_v1", True)
     settings = DecodeSettings(max_new_tokens=24)
