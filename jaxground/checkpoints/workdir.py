@@ -21,7 +21,7 @@ from jaxground.checkpoints.converted import CheckpointError, restore_params_for
 from jaxground.models.config import LlavaConfig
 from jaxground.models.llava import abstract_model, param_dict
 from jaxground.parallel.sharding import param_shardings
-from jaxground.utils.trees import merge
+from jaxground.utils.trees import leaves_by_path, merge, path_string
 
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -119,16 +119,18 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
                                     f"in {directory} (steps: {list(mgr.all_steps())})")
         meta = mgr.item_metadata(step)["state"]
     wanted = {k: v for k, v in meta.items() if k in ("trainable", "frozen") and v}
+    model_leaves, model_shardings = leaves_by_path(abstract), leaves_by_path(shardings)
 
     def target(part: str):
         def leaf(path, m):
-            where = (part,) + tuple(str(getattr(k, "key", k)) for k in path)
-            found, model_leaf = _lookup(shardings, where[1:]), _lookup(abstract, where[1:])
-            if found is None:
-                raise CheckpointError(f"{directory}/{step}: {'/'.join(where)} is not a "
+            key = path_string(path)
+            where = f"{part}/{key}"
+            if key not in model_leaves:
+                raise CheckpointError(f"{directory}/{step}: {where} is not a "
                                       f"parameter of the model config")
+            model_leaf, found = model_leaves[key], model_shardings[key]
             if tuple(m.shape) != tuple(model_leaf.shape):
-                raise CheckpointError(f"{directory}/{step}: {'/'.join(where)} is stored with "
+                raise CheckpointError(f"{directory}/{step}: {where} is stored with "
                                       f"shape {list(m.shape)}, the model config expects "
                                       f"{list(model_leaf.shape)}")
             dtype = model_leaf.dtype if cast else m.dtype
@@ -149,14 +151,6 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
         init_from = init_from_of(workdir)
         base = restore_params_for(init_from, config, mesh) if init_from else {}
     return merge(merge(base, restored.get("frozen", {})), restored["trainable"])
-
-
-def _lookup(tree, path: tuple[str, ...]):
-    for k in path:
-        if not isinstance(tree, dict) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
 
 
 def read_train_config(workdir: str) -> dict | None:
