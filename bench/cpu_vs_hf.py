@@ -86,6 +86,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig,  # noqa: E402
 import jaxground  # noqa: E402
 from jaxground.checkpoints.hf_convert import hf_to_jaxground  # noqa: E402
 from jaxground.models import config as jg_config  # noqa: E402
+from machine import cpu_info  # noqa: E402  (bench/machine.py; this folder is on sys.path)
 
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu_vs_hf.json")
 IMAGE_TOKEN = 32000
@@ -105,17 +106,7 @@ def _version(pkg: str) -> str | None:
 
 
 def machine_info(threads: int) -> dict:
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = [x for x in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma") if x in flags]
+    model, simd = cpu_info()
     return {
         "cpu": model,
         "cpu_simd": simd,

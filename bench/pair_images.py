@@ -32,14 +32,7 @@ from jaxground.training.config import shapes_config
 from jaxground.training.losses import LossConfig
 from jaxground.training.optim import make_optimizer, trainable_filter
 from jaxground.training.step import BATCH_KEYS, init_state, make_step_fn
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
+from machine import cpu_model  # bench/machine.py (this script's folder is on sys.path)
 
 
 def main() -> None:

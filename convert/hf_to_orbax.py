@@ -37,9 +37,8 @@ def main(argv=None) -> int:
     try:
         grounding = None
         if args.grounding_type or args.grounding_layers:
-            layers = args.grounding_layers
-            layers = (None if layers is None else () if layers == "none"
-                      else tuple(int(x) for x in layers.split(",")))
+            layers = GroundingConfig.parse_layers(args.grounding_layers or "",
+                                                  "--grounding_layers")
             grounding = GroundingConfig(layers=layers, type=args.grounding_type or "similarity")
         config = hf_to_jaxground(args.hf_dir, args.out, args.dtype, args.allow_pickle,
                                  grounding)

@@ -87,6 +87,23 @@ class GroundingConfig:
     init_scale: float = 1 / 0.07       # calibration scale at init (the seed's temperature)
     init_bias: float = 0.0
 
+    @staticmethod
+    def parse_layers(text, field: str = "grounding.layers") -> tuple[int, ...] | None:
+        """The user's spelling of `layers`: "" (the last four), "none", or "28,29,30,31"
+        (a tuple or list of ints passes through). One parser for configs and CLIs."""
+        layers = text.strip() if isinstance(text, str) else text
+        if layers in ("", None):
+            return None
+        if layers == "none":
+            return ()
+        if isinstance(layers, (tuple, list)):
+            return tuple(int(x) for x in layers)
+        try:
+            return tuple(int(x) for x in str(layers).split(","))
+        except ValueError as e:
+            raise ConfigError(f"{field}={text!r}: use '', 'none' or comma-separated layer "
+                              "indices") from e
+
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:

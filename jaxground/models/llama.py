@@ -2,7 +2,9 @@
 
 Layers are stacked ([L, ...] parameters) and run with `lax.scan` in segments; the segment
 boundaries are a property of the forward pass, not of the parameter tree, so a checkpoint's
-layout does not depend on which layers carry a grounding head.
+layout does not depend on which layers carry a grounding head. The decoder only calls the
+grounding heads (their glue lives in `grounding.py`) and reads and returns keys and values
+(the cache is `cache.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from einops import rearrange
 from flax import nnx, struct
 
 from jaxground.models.config import GroundingConfig, TextConfig, dtype_of
-from jaxground.models.grounding import GroundingHead, gather_rows
+from jaxground.models.cache import KVCache, LayerCache
+from jaxground.models.grounding import (DecodeGrounding, GroundingInputs, apply_head,
+                                        apply_head_decode, make_grounding_heads)
 from jaxground.models.layers import scan_layers, stack_layers
 
 
@@ -92,7 +96,7 @@ class LlamaAttention(nnx.Module):
             out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts)
         return self.o_proj(rearrange(out_btnh, "b t n h -> b t (n h)")), (k, v)
 
-    def decode(self, x_bcd, cos_bch, sin_bch, cache: "LayerCache"):
+    def decode(self, x_bcd, cos_bch, sin_bch, cache: LayerCache):
         """C candidate tokens per row, all at the same next position, each attending to the
         cached keys and to itself only (not to each other): plain decoding is C = 1, guided
         decoding scores its top-k candidates in one pass. Returns (out [B, C, D], (k, v)
@@ -117,15 +121,6 @@ class LlamaAttention(nnx.Module):
                + rearrange(probs[..., -1], "b k (c g) -> b c k g", c=c)[..., None]
                * v[:, :, :, None])
         return self.o_proj(rearrange(out, "b c k g h -> b c (k g h)")), (k, v)
-
-
-@struct.dataclass
-class LayerCache:
-    """One layer's view of the KV cache."""
-
-    k_bksh: jax.Array
-    v_bksh: jax.Array
-    valid_bs: jax.Array  # [B, S] bool: written positions that may be attended
 
 
 NEG_INF = -1e30
@@ -161,55 +156,6 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x_btd, cos_bth, sin_bth, mask_b1ts):
         """Returns (hidden [B, T, D], (k, v) [B, T, K, H])."""
         return self.block(x_btd, lambda h: self.self_attn(h, cos_bth, sin_bth, mask_b1ts))
-
-
-def apply_head(head: GroundingHead, ground: "GroundingInputs", x_btd, patches: bool = False):
-    """A grounding head on a grounded layer's output.
-
-    Returns (hidden [B, T, D], logits [B, T], image features [B, K, D] the head compared
-    against, and with `patches` the per-patch scores [B, T, K] (0 at unscored positions)). The head only sees the N candidate text positions of each row (N = T - image
-    tokens: in LLaVA most of the sequence is image, which is never scored), and its results
-    are scattered back. A cross-attention head's gated image summary joins the residual
-    stream at scored positions only.
-    """
-    image_bkd = (ground.projected_bkd if ground.projected_bkd is not None
-                 else gather_rows(x_btd, ground.image_positions_bk))
-    text_bnd = gather_rows(x_btd, ground.text_positions_bn)
-    logits_bn, update_bnd = head(text_bnd, image_bkd, ground.image_valid_bk)
-    rows = jnp.arange(x_btd.shape[0])[:, None]
-    cols = ground.text_positions_bn
-    valid = ground.text_valid_bn
-    if update_bnd is not None:
-        x_btd = x_btd.at[rows, cols].add(jnp.where(valid[..., None], update_bnd, 0))
-    logits_bt = jnp.zeros(x_btd.shape[:2], jnp.float32).at[rows, cols].set(
-        jnp.where(valid, logits_bn, 0.0))
-    if not patches:
-        return x_btd, logits_bt, image_bkd
-    patch_bnk = head.patch_scores(text_bnd, image_bkd, ground.image_valid_bk)
-    patch_btk = jnp.zeros(x_btd.shape[:2] + patch_bnk.shape[-1:], jnp.float32).at[rows, cols].set(
-        jnp.where(valid[..., None], patch_bnk, 0.0))
-    return x_btd, logits_bt, image_bkd, patch_btk
-
-
-@struct.dataclass
-class GroundingInputs:
-    """What the grounded layers need besides the hidden states."""
-
-    image_positions_bk: jax.Array       # [B, K] positions of each row's image tokens
-    image_valid_bk: jax.Array           # [B, K] bool
-    text_positions_bn: jax.Array        # [B, N] candidate text positions (distinct per row)
-    text_valid_bn: jax.Array            # [B, N] bool: those that get a score
-    text_mask_bt: jax.Array             # [B, T] bool: positions that get a score
-    projected_bkd: jax.Array | None     # [B, K, D] projected image features, or None to
-                                        # use the image-token hidden states of each layer
-
-
-def make_grounding_heads(text: TextConfig, grounding: GroundingConfig, num: int, dtype,
-                         param_dtype, rngs: nnx.Rngs) -> GroundingHead:
-    """`num` heads stacked on a leading [G] axis (one per grounded layer)."""
-    d = text.hidden_size
-    return stack_layers(lambda r: GroundingHead(grounding, d, d, dtype, param_dtype, rngs=r),
-                        num, rngs)
 
 
 class LlamaModel(nnx.Module):
@@ -298,27 +244,21 @@ class LlamaModel(nnx.Module):
         return DecoderOutput(hidden=self.norm(x_btd), scores_gbt=scores, kv=kv,
                              image_gbkd=image, patches_gbtk=patches)
 
-    def decode(self, x_bcd, positions_b, cache: "KVCache", ground: "DecodeGrounding | None"):
+    def decode(self, x_bcd, positions_b, cache: KVCache, ground: DecodeGrounding | None):
         """C candidate next tokens per row [B, C, D] (embedded) at positions [B] against the
         cache. Returns (hidden [B, C, D], head logits [G, B, C] or None, (k, v) [L, B, C, K, H])."""
         cfg = self.config
         x_bcd = x_bcd.astype(self.compute_dtype)
         positions_bc = jnp.broadcast_to(positions_b[:, None], x_bcd.shape[:2])
         cos, sin = rope_cos_sin(positions_bc, cfg.head_dim, cfg.rope_theta, x_bcd.dtype)
-        layer_kv = lambda a, l: jax.lax.dynamic_index_in_dim(a, l, keepdims=False)
 
         def body(layer, head, g, x, l):
-            view = LayerCache(layer_kv(cache.k, l), layer_kv(cache.v, l), cache.valid_bs)
+            view = cache.layer(l)
             x, kv = layer.block(x, lambda h: layer.self_attn.decode(h, cos, sin, view))
             if head is None:
                 return x, (kv, None)
-            image_bkd = (ground.image_gbkd[0] if ground.image_gbkd.shape[0] == 1
-                         else layer_kv(ground.image_gbkd, g))
-            logits_bc, update_bcd = head(x, image_bkd, ground.image_valid_bk)
-            scored_b1 = ground.scored_b[:, None]
-            if update_bcd is not None:
-                x = x + jnp.where(scored_b1[..., None], update_bcd, 0)
-            return x, (kv, jnp.where(scored_b1, logits_bc, 0.0))
+            x, logits_bc = apply_head_decode(head, ground, x, g)
+            return x, (kv, logits_bc)
 
         x_bcd, kv, scores_gbc = self._run(x_bcd, body, use_heads=ground is not None)
         return self.norm(x_bcd), scores_gbc, kv
@@ -339,38 +279,3 @@ class DecoderOutput:
     kv: tuple | None = None             # (k, v) [L, B, T, K, H] when asked for
     image_gbkd: jax.Array | None = None  # [G, B, K, D] what each head compared against
     patches_gbtk: jax.Array | None = None  # [G, B, T, K] per-patch scores behind each score
-
-
-@struct.dataclass
-class KVCache:
-    """Keys and values of every layer for S positions (prompt + new tokens)."""
-
-    k: jax.Array          # [L, B, K, S, H]
-    v: jax.Array          # [L, B, K, S, H]
-    valid_bs: jax.Array   # [B, S] bool: written, non-padding positions
-
-    @classmethod
-    def from_prefill(cls, kv, attention_mask_bt, length: int) -> "KVCache":
-        """From the prompt's (k, v) [L, B, T, K, H], room for `length` positions."""
-        k, v = (jnp.swapaxes(a, 2, 3) for a in kv)
-        pad = [(0, 0), (0, 0), (0, 0), (0, length - k.shape[3]), (0, 0)]
-        valid = jnp.pad(attention_mask_bt.astype(bool), [(0, 0), (0, length - k.shape[3])])
-        return cls(jnp.pad(k, pad), jnp.pad(v, pad), valid)
-
-    def write(self, t, k_lbkh, v_lbkh) -> "KVCache":
-        """Stores one token per row at position t (left padding aligns rows' new tokens)."""
-        at = (0, 0, 0, t, 0)
-        return KVCache(jax.lax.dynamic_update_slice(self.k, k_lbkh[:, :, :, None], at),
-                       jax.lax.dynamic_update_slice(self.v, v_lbkh[:, :, :, None], at),
-                       jax.lax.dynamic_update_slice(self.valid_bs,
-                                                    jnp.ones((self.valid_bs.shape[0], 1), bool),
-                                                    (0, t)))
-
-
-@struct.dataclass
-class DecodeGrounding:
-    """What the heads need at decode time, fixed after prefill."""
-
-    image_gbkd: jax.Array     # [G or 1, B, K, D] image features per head (1: shared)
-    image_valid_bk: jax.Array  # [B, K] bool
-    scored_b: jax.Array        # [B] bool: rows with an image (their new tokens get a score)

@@ -12,9 +12,10 @@ from flax import nnx, struct
 
 from jaxground.models.clip import ClipVisionModel
 from jaxground.models.config import LlavaConfig, dtype_of
-from jaxground.models.grounding import aggregate, gather_rows, grounding_mask, image_slots
-from jaxground.models.llama import (DecodeGrounding, GroundingInputs, KVCache, LlamaModel,
-                                    make_grounding_heads, positions_from_mask)
+from jaxground.models.cache import KVCache
+from jaxground.models.grounding import (DecodeGrounding, aggregate, grounding_inputs,
+                                        make_grounding_heads)
+from jaxground.models.llama import LlamaModel, positions_from_mask
 
 
 @struct.dataclass
@@ -162,7 +163,8 @@ class LlavaModel(nnx.Module):
                 features_npd = jnp.repeat(features_npd, rows_per_image, axis=0)
             embeds_btd = merge_image_features(embeds_btd, image_mask_bt, features_npd)
             if cfg.grounded_layers:
-                ground = self.grounding_inputs(embeds_btd, image_mask_bt, attention_mask)
+                ground = grounding_inputs(embeds_btd, image_mask_bt, attention_mask,
+                                          cfg.image_seq_length, cfg.grounding.image_features)
         return embeds_btd, image_mask_bt, ground
 
     def per_layer(self, scores_g) -> dict[int, jax.Array]:
@@ -177,13 +179,8 @@ class LlavaModel(nnx.Module):
         embeds_btd, _, ground = self.embed(input_ids, pixel_values, attention_mask)
         dec = self.language_model(embeds_btd, attention_mask, positions, ground, return_kv=True)
         cache = KVCache.from_prefill(dec.kv, attention_mask, cache_length)
-        decode_ground = None
-        if ground is not None:
-            image = (ground.projected_bkd[None] if ground.projected_bkd is not None
-                     else dec.image_gbkd)
-            decode_ground = DecodeGrounding(image_gbkd=image,
-                                            image_valid_bk=ground.image_valid_bk,
-                                            scored_b=ground.image_valid_bk.any(-1))
+        decode_ground = (DecodeGrounding.from_prefill(ground, dec.image_gbkd)
+                         if ground is not None else None)
         return self.logits(dec.hidden[:, -1]), cache, decode_ground
 
     def decode_step(self, tokens_bc, positions_b, cache: KVCache,
@@ -194,21 +191,6 @@ class LlavaModel(nnx.Module):
         hidden, scores_gbc, kv = self.language_model.decode(embeds_bcd, positions_b, cache,
                                                             ground)
         return self.logits(hidden), scores_gbc, kv
-
-    def grounding_inputs(self, embeds_btd, image_mask_bt, attention_mask_bt) -> GroundingInputs:
-        """Each row's image patches (its first `image_seq_length` image tokens; one image per
-        row, as in LLaVA-1.5), the text positions to score, and the projected features."""
-        k = self.config.image_seq_length
-        positions_bk, valid_bk = image_slots(image_mask_bt, k)
-        t = image_mask_bt.shape[1]
-        text_bn, _ = image_slots(~image_mask_bt, t - k if t > k else t)
-        text_mask_bt = grounding_mask(image_mask_bt, attention_mask_bt)
-        projected = (gather_rows(embeds_btd, positions_bk)
-                     if self.config.grounding.image_features == "projected" else None)
-        return GroundingInputs(image_positions_bk=positions_bk, image_valid_bk=valid_bk,
-                               text_positions_bn=text_bn,
-                               text_valid_bn=jnp.take_along_axis(text_mask_bt, text_bn, axis=1),
-                               text_mask_bt=text_mask_bt, projected_bkd=projected)
 
 
 # graph_updates=False: the forward mutates nothing, and with updates on, nnx.jit returns (a
