@@ -315,7 +315,8 @@ def test_bad_inputs_name_the_problem(workdir, tmp_path):
                str(tmp_path / "nowhere"), check=False)
     assert proc.returncode != 0 and "nowhere" in proc.stderr
     proc = evaluate(workdir, "pope", "--config.eval.batch_size=0", check=False)
-    assert proc.returncode != 0 and "eval.batch_size" in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == "error: config.eval.batch_size: 0 must be >= 1"
 
 
 def test_grounding_on_given_captions_is_teacher_forced(workdir, tmp_path):

@@ -13,6 +13,7 @@ import tokenizers_tiny
 from jaxground.data.processor import (IGNORE, TEMPLATES, Processor, clip_image_processor,
                                       llava_fill)
 from jaxground.eval import protocols
+from jaxground.eval.settings import EvalSettings
 from jaxground.training.config import default_config, llava_1_5_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -46,8 +47,12 @@ def test_pad_fill_truncates_like_llava():
     assert not np.array_equal(padded[:, 0, :], flat((123, 117, 104))[:, 0, :])
 
 
+def resolve(cfg) -> protocols.Protocol:
+    return EvalSettings.from_config_dict(cfg).resolved_protocol
+
+
 def test_presets_and_overrides():
-    llava = protocols.resolve(llava_1_5_config("llava-1.5-7b"))
+    llava = resolve(llava_1_5_config("llava-1.5-7b"))
     assert (llava.name, llava.template, llava.pad_to_square) == ("llava_1_5", "vicuna_v1", True)
     assert (llava.answer_tokens, llava.caption_tokens) == (128, 512)
     assert llava.caption_prompt == "Please describe this image in detail."
@@ -55,23 +60,23 @@ def test_presets_and_overrides():
     assert llava_1_5_config("llava-1.5-13b").data.template == "vicuna_v1"
     cfg = default_config()
     cfg.eval.protocol = "lmms_eval"
-    lmms = protocols.resolve(cfg)
+    lmms = resolve(cfg)
     assert (lmms.answer_tokens, lmms.mme_answer_tokens) == (128, 16)
     assert (lmms.pope_parser, lmms.mme_parser) == ("lmms_eval", "lmms_eval")
     cfg.eval.max_new_tokens, cfg.eval.template = 64, "hf"
-    assert (protocols.resolve(cfg).caption_tokens, protocols.resolve(cfg).template) == (64, "hf")
+    assert (resolve(cfg).caption_tokens, resolve(cfg).template) == (64, "hf")
     # "training" follows the run's own data format.
     cfg = default_config()
     cfg.data.template, cfg.data.pad_to_square = "vicuna_v1", True
-    trained = protocols.resolve(cfg)
+    trained = resolve(cfg)
     assert (trained.template, trained.pad_to_square, trained.caption_prompt) == (
         "vicuna_v1", True, "Describe the image.")
     cfg.eval.protocol = "llava15"
     with pytest.raises(protocols.ProtocolError, match="config.eval.protocol: 'llava15'"):
-        protocols.resolve(cfg)
+        resolve(cfg)
     cfg.eval.protocol, cfg.eval.pope_parser = "hf", "exact"
     with pytest.raises(protocols.ProtocolError, match="config.eval.pope_parser"):
-        protocols.resolve(cfg)
+        resolve(cfg)
 
 
 @pytest.mark.parametrize("template", ["hf", "vicuna_v1"])

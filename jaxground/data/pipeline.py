@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from jaxground.data.processor import IGNORE, BadImageError, Processor
+from jaxground.data.prompts import SHORT_ANSWER_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class PipelineConfig:
     on_bad_image: str = "skip"       # "skip" (log + count) | "error"
     on_too_long: str = "drop"        # "drop" | "error"
     caption_prompt: str = "Describe the image."
-    question_suffix: str = "\nAnswer the question using a single word or phrase."
+    question_suffix: str = SHORT_ANSWER_SUFFIX
 
     def __post_init__(self):
         if self.on_bad_image not in ("skip", "error"):

@@ -57,6 +57,7 @@ import argparse
 import json
 import os
 
+from jaxground.data.prompts import SHORT_ANSWER_SUFFIX
 from jaxground.utils.jsonl import read_jsonl, read_numbered_jsonl, write_jsonl
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -66,8 +67,7 @@ COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation
 SUBTASKS = PERCEPTION + COGNITION
 PARSERS = ("official", "lmms_eval")
 
-PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
-SHORT_ANSWER = "Answer the question using a single word or phrase."   # what the converter drops
+SHORT_ANSWER = SHORT_ANSWER_SUFFIX.lstrip("\n")   # what the converter drops
 YES_NO_PROMPT = "Please answer yes or no."
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 QA_DIR, IMAGE_DIR = "questions_answers_YN", "images"
@@ -75,7 +75,7 @@ QA_DIR, IMAGE_DIR = "questions_answers_YN", "images"
 
 def prompt(question: str) -> str:
     """The prompt LLaVA-1.5 is asked for an MME question (see the module docstring)."""
-    return question.replace(YES_NO_PROMPT, "").strip() + PROMPT_SUFFIX
+    return question.replace(YES_NO_PROMPT, "").strip() + SHORT_ANSWER_SUFFIX
 
 
 def parse_answer(text: str) -> str:

@@ -50,17 +50,16 @@ import json
 import os
 import re
 
+from jaxground.data.prompts import SHORT_ANSWER_SUFFIX
 from jaxground.utils.jsonl import read_numbered_jsonl
 
-# LLaVA-1.5's POPE questions end with this line (a newline, then the instruction).
-PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."
 SPLIT_KEYS = ("strategy", "category")
 PARSERS = ("llava", "lmms_eval")
 _SPLITS = ("random", "popular", "adversarial")
 LABEL_FILE = "coco_pope_{}.json"   # LLaVA's eval_pope.py: category = file[10:-5]
 
 
-def prompt(question_text: str, suffix: str = PROMPT_SUFFIX) -> str:
+def prompt(question_text: str, suffix: str = SHORT_ANSWER_SUFFIX) -> str:
     """The prompt LLaVA-1.5 asks for a POPE question: the text with `suffix` appended, unless
     it already ends with it (LLaVA's llava_pope_test.jsonl carries the suffix in "text"; the
     official coco_pope_*.json do not)."""

@@ -29,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 
 from jaxground.data.processor import TEMPLATES
+from jaxground.data.prompts import SHORT_ANSWER_SUFFIX
 
-SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 CHAIR_PROMPT = "Please describe this image in detail."
 POPE_PARSERS = ("llava", "lmms_eval")
 MME_PARSERS = ("official", "lmms_eval")
@@ -82,33 +82,34 @@ PROTOCOLS = {
 }
 
 
-class ProtocolError(ValueError):
-    """An unknown protocol or an impossible override; the message names the field."""
+class EvalConfigError(ValueError):
+    """An impossible `config.eval` value: an unknown protocol or parser, an impossible
+    override, a negative batch size; the message names the field (`config.eval.<field>`)."""
 
 
-def resolve(cfg) -> Protocol:
-    """The protocol a run's config asks for (`cfg.eval.protocol`), with the `eval.*`
-    overrides applied and, for `training`, the run's own data format filled in."""
-    e = cfg.eval
-    name = e.get("protocol", "training")
-    if name not in PROTOCOLS:
-        raise ProtocolError(f"config.eval.protocol: {name!r} is not one of "
-                            f"{sorted(PROTOCOLS)}")
-    p = PROTOCOLS[name]
-    if name == "training":
+# The name the CLIs (jaxground.cli.USER_ERRORS: printed in one line) and callers know it by.
+ProtocolError = EvalConfigError
+
+
+def resolve(s) -> Protocol:
+    """The protocol evaluation settings (a jaxground.eval.settings.EvalSettings) ask for,
+    `s.protocol`, with their overrides applied and, for `training`, the run's own data
+    format (`s.data_template`, `s.data_pad_to_square`) filled in."""
+    if s.protocol not in PROTOCOLS:
+        raise EvalConfigError(f"config.eval.protocol: {s.protocol!r} is not one of "
+                              f"{sorted(PROTOCOLS)}")
+    p = PROTOCOLS[s.protocol]
+    if s.protocol == "training":
         from jaxground.data.pipeline import PipelineConfig
 
-        d = cfg.data
-        p = dataclasses.replace(p, template=d.template,
-                                image_aspect_ratio="pad" if d.pad_to_square else "crop",
+        p = dataclasses.replace(p, template=s.data_template,
+                                image_aspect_ratio="pad" if s.data_pad_to_square else "crop",
                                 caption_prompt=PipelineConfig.caption_prompt)
     overrides = {
-        "template": e.get("template", ""), "image_aspect_ratio": e.get("image_aspect_ratio", ""),
-        "answer_tokens": e.get("answer_tokens", 0),
-        "mme_answer_tokens": e.get("answer_tokens", 0),
-        "caption_prompt": e.get("caption_prompt", ""),
-        "caption_tokens": e.get("max_new_tokens", 0),
-        "pope_parser": e.get("pope_parser", ""), "mme_parser": e.get("mme_parser", "")}
+        "template": s.template, "image_aspect_ratio": s.image_aspect_ratio,
+        "answer_tokens": s.answer_tokens, "mme_answer_tokens": s.answer_tokens,
+        "caption_prompt": s.caption_prompt, "caption_tokens": s.max_new_tokens,
+        "pope_parser": s.pope_parser, "mme_parser": s.mme_parser}
     p = dataclasses.replace(p, **{k: v for k, v in overrides.items() if v})
     _check(p.template in TEMPLATES, "template", p.template, sorted(TEMPLATES))
     _check(p.image_aspect_ratio in IMAGE_ASPECT_RATIOS, "image_aspect_ratio",
@@ -120,4 +121,4 @@ def resolve(cfg) -> Protocol:
 
 def _check(ok: bool, field: str, value, allowed) -> None:
     if not ok:
-        raise ProtocolError(f"config.eval.{field}: {value!r} is not one of {list(allowed)}")
+        raise EvalConfigError(f"config.eval.{field}: {value!r} is not one of {list(allowed)}")

@@ -8,7 +8,6 @@ import os
 import numpy as np
 
 from jaxground.eval import heatmap
-from jaxground.eval.tasks import caption_prompt
 from jaxground.utils.jsonl import read_jsonl
 
 
@@ -123,13 +122,15 @@ def _pick(mention_sets: list[dict], n: int) -> list[int]:
 HEATMAP_SIZE = 336  # pixels; small images (the shapes world's) are scaled up to be readable
 
 
-def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out: str
+def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, settings, out: str
                   ) -> tuple[list[str], list[dict]]:
-    """For a few samples, an HTML page of the caption coloured by grounding, each object
-    mention token clickable to show the image with that token's patch scores (teacher
-    forced, mean over grounded layers). Returns the pages' paths relative to `out`, and
-    examples: per mention of those captions {"image_id", "caption", "word", "hallucinated",
-    "grounding", "png"} (the heatmap of the mention's first token, relative to `out`)."""
+    """For `settings.heatmaps` samples (an EvalSettings; its split and its protocol's
+    caption prompt are used too), an HTML page of the caption coloured by grounding, each
+    object mention token clickable to show the image with that token's patch scores
+    (teacher forced, mean over grounded layers). Returns the pages' paths relative to
+    `out`, and examples: per mention of those captions {"image_id", "caption", "word",
+    "hallucinated", "grounding", "png"} (the heatmap of the mention's first token, relative
+    to `out`)."""
     from PIL import Image
 
     from jaxground.data.processor import open_image
@@ -137,12 +138,12 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, cfg, out
     from jaxground.inference.score import score
 
     usable = [s for s in samples if "error" not in s and s.get("token_ids")]
-    vocab, truth = grounding_truth(coco_dir, usable, cfg.eval.split or None)
+    vocab, truth = grounding_truth(coco_dir, usable, settings.split or None)
     sets = mention_samples(usable, processor.tokenizer, vocab, truth)
     config = model.config
-    prompt = processor.encode(caption_prompt(cfg))["input_ids"]
+    prompt = processor.encode(settings.resolved_protocol.caption_prompt)["input_ids"]
     pages, examples = [], []
-    for i in _pick(sets, cfg.eval.heatmaps):
+    for i in _pick(sets, settings.heatmaps):
         s, (text, spans, mentions) = usable[i], (sets[i]["text"], sets[i]["spans"],
                                                  sets[i]["mentions"])
         ids = np.asarray([prompt + s["token_ids"]], np.int32)

@@ -19,6 +19,7 @@ import random
 
 from jaxground.data.coco import STRATEGIES, load_coco, question_records
 from jaxground.data.objects import ObjectVocabulary, vocabulary_for
+from jaxground.data.prompts import SHORT_ANSWER_SUFFIX
 from jaxground.eval import chair, grounding_auroc, mme, pope
 from jaxground.inference.batching import Prompt
 
@@ -38,7 +39,7 @@ def _limit(items: list, limit: int) -> list:
 
 # ---- reading data ------------------------------------------------------------------------
 def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: int = 0,
-              split: str | None = None, suffix: str = pope.PROMPT_SUFFIX) -> TaskData:
+              split: str | None = None, suffix: str = SHORT_ANSWER_SUFFIX) -> TaskData:
     """POPE questions from POPE files (a file, a comma-separated list or a folder of them:
     the official coco_pope_*.json, LLaVA's llava_pope_test.jsonl joined with them, or
     jaxground question records; images under `image_root`, default the first file's folder),
@@ -67,13 +68,6 @@ def pope_data(path: str, image_root: str | None = None, limit: int = 0, seed: in
 
 
 IMAGE_IDS_FILE = "image_ids.json"
-
-
-def caption_prompt(cfg) -> str:
-    """The caption prompt of the config's evaluation protocol."""
-    from jaxground.eval import protocols
-
-    return protocols.resolve(cfg).caption_prompt
 
 
 def chair_image_ids(coco_dir: str, split: str | None, ids_file: str | None, n: int,
