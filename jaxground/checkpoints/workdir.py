@@ -17,7 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxground.checkpoints.converted import CheckpointError, restore_params_for
+from jaxground.checkpoints.converted import (CheckpointError, restore_arrays, restore_params_for,
+                                             save_args_for)
 from jaxground.models.config import LlavaConfig
 from jaxground.models.llava import abstract_model, param_dict
 from jaxground.parallel.sharding import param_shardings
@@ -52,8 +53,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator) -> bool:
+        item = _pure(state, self.save_frozen)
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_pure(state, self.save_frozen)),
+            state=ocp.args.StandardSave(item, save_args=save_args_for(item)),
             data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
     def restore(self, step: int, abstract_state, data_iterator):
@@ -138,14 +140,8 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
         return jax.tree_util.tree_map_with_path(leaf, wanted[part])
 
     targets = {part: target(part) for part in wanted}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            os.path.join(directory, str(step), "state"),
-            args=ocp.args.PyTreeRestore(
-                item=targets, partial_restore=True,
-                restore_args=jax.tree.map(
-                    lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype),
-                    targets)))
+    restored = restore_arrays(os.path.join(directory, str(step), "state"), targets,
+                              partial=True)
     base = {}
     if "frozen" not in restored:
         init_from = init_from_of(workdir)
