@@ -1,5 +1,8 @@
-"""Model config: HF config.json round trip, presets with the real sizes."""
+"""Model config: HF config.json round trip, presets with the real sizes. Training config:
+the typed TrainRun made from the ml_collections ConfigDict (defaults, parsing, errors)."""
 
+import dataclasses
+import json
 import math
 
 import jax
@@ -12,6 +15,11 @@ from transformers import LlavaForConditionalGeneration
 
 from jaxground.models.config import GroundingConfig, LlavaConfig, llava_1_5_13b, llava_1_5_7b
 from jaxground.models.llava import abstract_model, param_dict
+from jaxground.training.config import (ConfigValueError, DataSettings, ModelSettings, TrainRun,
+                                       TrainSettings, default_config, llava_1_5_config,
+                                       shapes_config)
+from jaxground.training.losses import LossConfig
+from jaxground.training.setup import model_config
 
 
 def hf_preset(hidden, inter, layers, heads):
@@ -53,3 +61,118 @@ def test_rope_theta_from_old_and_new_config_keys():
     old = {"text_config": {"rope_theta": 5e5}}
     assert LlavaConfig.from_hf(new).text.rope_theta == LlavaConfig.from_hf(old).text.rope_theta \
         == 5e5
+
+
+# ---- the training config: TrainRun, typed once from the ml_collections ConfigDict ------------
+# default_config() before the typed config existed, less `eval` (train_config.json's format).
+DEFAULTS = {
+    "data": {"dir": "", "eval_dir": "", "eval_records": "", "eval_world_images": 200,
+             "groups_per_batch": 8, "kinds": "caption,question", "label_attributes": False,
+             "max_length": 96, "on_bad_image": "skip", "on_too_long": "drop",
+             "pad_to_square": False, "records": "", "seed": 0,
+             "strategies": "random,popular,adversarial", "template": "hf", "workers": 0,
+             "world_images": 2000},
+    "distributed": {"coordinator_address": "", "num_processes": 0, "process_id": 0},
+    "grounding": {"aggregate": "mean", "dim": 256, "image_features": "projected",
+                  "init_bias": 0.0, "init_scale": 1 / 0.07, "layers": "", "num_heads": 8,
+                  "type": "similarity"},
+    "loss": {"grounding_loss": "bce", "grounding_weight": 1.0, "margin": 1.0},
+    "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    "model": {"dtype": "float32", "frozen_dtype": "", "init_from": "",
+              "param_dtype": "float32", "preset": "shapes", "remat": "none"},
+    "train": {"b1": 0.9, "b2": 0.98, "checkpoint_every": 100, "clip_norm": 1.0,
+              "debug_nan_steps": "", "end_lr_fraction": 0.1, "eval_batches": 8,
+              "eval_every": 0, "grad_accum": 1, "keep_checkpoints": 3, "log_every": 1,
+              "lr": 0.003, "max_bad_steps": 5, "progress": True, "save_frozen": True,
+              "seed": 0, "steps": 300, "stop_at": 0, "trainable": ".*", "warmup_steps": 20,
+              "weight_decay": 0.0}}
+
+
+def test_typed_defaults_are_default_config():
+    # As JSON, so that 0 for 0.0 (a ConfigDict field typed int refuses 0.1) counts too.
+    as_json = lambda d: json.dumps(d, sort_keys=True)
+    assert as_json(TrainRun().to_dict()) == as_json(DEFAULTS)
+    assert as_json({k: v for k, v in default_config().to_dict().items() if k != "eval"}) \
+        == as_json(DEFAULTS)
+    run = TrainRun.from_config_dict(default_config())
+    assert run == TrainRun()
+    assert (run.model, run.data, run.train, run.loss, run.grounding) == (
+        ModelSettings(), DataSettings(), TrainSettings(), LossConfig(), GroundingConfig())
+    assert run.mesh == {"data": 1, "fsdp": -1, "tensor": 1}
+    # Every field of every section made it across, with its value.
+    d = default_config()
+    for name in ("model", "data", "train", "loss"):
+        assert dataclasses.asdict(getattr(run, name)) == d[name].to_dict(), name
+
+
+def test_presets_become_typed_runs():
+    run = TrainRun.from_config_dict(llava_1_5_config("llava-1.5-7b"))
+    assert (run.model.dtype, run.model.frozen_dtype, run.model.remat) == \
+        ("bfloat16", "bfloat16", "dots")
+    assert run.train.trainable == "projector,grounding_heads" and not run.train.save_frozen
+    assert run.loss.grounding_weight == 0.5 and run.data.template == "vicuna_v1"
+    assert TrainRun.from_config_dict(shapes_config()).train.eval_every == 100
+
+
+@pytest.mark.parametrize("text,layers", [("", None), ("none", ()), ("1,2,3", (1, 2, 3)),
+                                         (" 3, 1 ", (3, 1))])
+def test_grounding_layers_are_parsed_into_the_grounding_config(text, layers):
+    cfg = default_config()
+    cfg.model.preset = "tiny"  # 4 decoder layers
+    cfg.grounding.layers = text
+    cfg.grounding.type = "learned"
+    cfg.grounding.dim = 16
+    run = TrainRun.from_config_dict(cfg)
+    assert run.grounding == GroundingConfig(layers=layers, type="learned", dim=16)
+    # The model config takes the parsed heads as they are (they are not parsed again).
+    config = model_config(run, tokenizer=None)
+    assert config.grounding is run.grounding
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("train", "steps", 0, "config.train.steps: 0 must be positive"),
+    ("train", "warmup_steps", 500, r"config.train.warmup_steps: 500 must lie in \[0, "
+                                   r"train.steps=300\]"),
+    ("train", "log_every", 0, "config.train.log_every: 0 must be >= 1"),
+    ("train", "debug_nan_steps", "2,x", "config.train.debug_nan_steps='2,x'"),
+    ("data", "max_length", 4, "config.data.max_length: 4 is too short"),
+    ("loss", "grounding_loss", "hinge", "config.loss.grounding_loss: 'hinge' is not 'bce'"),
+    ("loss", "grounding_weight", -1.0, "config.loss.grounding_weight: must be >= 0"),
+    ("grounding", "type", "attention", "config.grounding.type: 'attention' is not one of"),
+    ("grounding", "layers", "28;29", "config.grounding.layers='28;29': use ''"),
+    ("model", "remat", "some", "config.model.remat: 'some' is not 'none'"),
+    ("model", "preset", "llava-2", "config.model.preset: 'llava-2' is not one of"),
+    ("model", "param_dtype", "fp8", "config.model.param_dtype: 'fp8' is not float32"),
+    ("eval", "top_p", 0.0, r"config.eval.top_p: 0.0 must lie in \(0, 1\]"),
+])
+def test_a_config_mistake_names_its_field(section, field, value, message):
+    cfg = default_config()
+    cfg[section][field] = value
+    with pytest.raises(ConfigValueError, match=f"^{message}"):
+        TrainRun.from_config_dict(cfg)
+
+
+def test_a_saved_config_dict_reads_back_old_fields_default_unknown_ones_named():
+    saved = default_config().to_dict()
+    del saved["train"]["debug_nan_steps"], saved["eval"]["heatmaps"]  # an older run's file
+    assert TrainRun.from_config_dict(saved) == TrainRun()
+    saved["train"]["stepz"] = 3
+    with pytest.raises(ConfigValueError, match=r"^config.train.stepz: not a field"):
+        TrainRun.from_config_dict(saved)
+    with pytest.raises(ConfigValueError, match=r"^config.mesh: axes \['pipe'\]"):
+        TrainRun(mesh={"data": 1, "pipe": 2})
+
+
+def test_to_dict_is_the_config_dicts_dict_with_the_runs_current_values():
+    cfg = llava_1_5_config("llava-1.5-13b")
+    cfg.grounding.layers = "36, 38"
+    run = TrainRun.from_config_dict(cfg)
+    assert run.to_dict() == cfg.to_dict()  # train_config.json as before: eval, spelling kept
+    assert TrainRun.from_config_dict(run.to_dict()) == run
+    changed = dataclasses.replace(
+        run, train=dataclasses.replace(run.train, steps=700),
+        grounding=dataclasses.replace(run.grounding, layers=()))
+    saved = changed.to_dict()
+    assert saved["train"]["steps"] == 700 and saved["grounding"]["layers"] == "none"
+    assert TrainRun.from_config_dict(saved) == changed
+    assert TrainRun().to_dict()["grounding"]["layers"] == ""

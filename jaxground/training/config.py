@@ -1,56 +1,251 @@
-"""The training config: one ml_collections ConfigDict describing a whole run.
+"""The training config: one ml_collections ConfigDict describing a whole run, and the typed,
+checked `TrainRun` made from it once at the command line's edge.
 
 Presets in configs/*.py start from `default_config()` and change what differs. Every field
-can be overridden on the command line (`--config.train.lr=1e-4`); `validate` rejects
-impossible values, naming the field, before anything is compiled.
+can be overridden on the command line (`--config.train.lr=1e-4`).
+`TrainRun.from_config_dict` rejects impossible values, naming the field, before anything
+is compiled; the library (jaxground.training.trainer) takes only the `TrainRun`.
+
+The settings dataclasses below hold the defaults (and say what each field means);
+`default_config()` is built from them, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 
-from jaxground.models.config import GROUNDING_TYPES, PRESETS, GroundingConfig
+from jaxground.models.config import GROUNDING_TYPES, PRESETS, ConfigError, GroundingConfig
+from jaxground.parallel.sharding import MESH_AXES
+from jaxground.training.losses import LossConfig
+
+
+class ConfigValueError(ValueError):
+    """An impossible training-config value; the message names the field."""
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigValueError(f"config.{field}: {msg}")
+
+
+# ---- typed sections (field names = the ConfigDict's) -----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """config.model"""
+
+    preset: str = "shapes"       # a jaxground.models.config preset, or "shapes"
+    init_from: str = ""          # a converted checkpoint dir (overrides `preset`'s weights)
+    dtype: str = "float32"       # compute dtype
+    param_dtype: str = "float32"  # master copy of trainable parameters
+    frozen_dtype: str = ""       # e.g. "bfloat16": frozen parameters kept in that dtype
+    remat: str = "none"          # "none" | "full" | "dots" (save matmul outputs)
+
+    def __post_init__(self):
+        _check(self.remat in ("none", "full", "dots"), "model.remat",
+               f"{self.remat!r} is not 'none', 'full' or 'dots'")
+        _check(self.preset in PRESETS or self.preset == "shapes" or self.init_from,
+               "model.preset", f"{self.preset!r} is not one of {sorted(PRESETS) + ['shapes']}")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            _check(value in ("float32", "bfloat16", "float16"), f"model.{name}",
+                   f"{value!r} is not float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """config.data"""
+
+    dir: str = ""                # COCO-format folder; "" = generate the shapes world in WORKDIR
+    records: str = ""            # grounding records .jsonl; "" = build them from `dir`
+    eval_dir: str = ""           # held-out COCO-format folder ("" = generated for shapes)
+    eval_records: str = ""
+    world_images: int = 2000     # shapes world size when generated
+    eval_world_images: int = 200
+    strategies: str = "random,popular,adversarial"
+    kinds: str = "caption,question"
+    label_attributes: bool = False  # grounding labels also cover attribute words ("red car")
+    template: str = "hf"
+    pad_to_square: bool = False
+    groups_per_batch: int = 8    # global; a batch has 2x this many rows
+    max_length: int = 96
+    workers: int = 0
+    on_bad_image: str = "skip"
+    on_too_long: str = "drop"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.groups_per_batch >= 1, "data.groups_per_batch", "must be >= 1")
+        _check(self.max_length >= 8, "data.max_length", f"{self.max_length} is too short")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """config.train"""
+
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    end_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    trainable: str = ".*"        # comma-separated regexes over parameter paths
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    save_frozen: bool = True
+    log_every: int = 1
+    eval_every: int = 0          # 0: no held-out evaluation
+    eval_batches: int = 8
+    max_bad_steps: int = 5
+    progress: bool = True
+    stop_at: int = 0             # save and exit cleanly at this global step (0: off), e.g.
+                                 # to fit a job's time slice; rerun to continue
+    debug_nan_steps: str = ""    # fault injection: comma-separated steps given a NaN batch
+
+    def __post_init__(self):
+        _check(self.steps > 0, "train.steps", f"{self.steps} must be positive")
+        _check(self.lr > 0, "train.lr", f"{self.lr} must be positive")
+        _check(0 <= self.warmup_steps <= self.steps, "train.warmup_steps",
+               f"{self.warmup_steps} must lie in [0, train.steps={self.steps}]")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"{self.grad_accum} must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", f"{self.log_every} must be >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", f"{self.eval_every} must be >= 0 "
+               "(0: off)")
+        self.nan_steps  # parses, or names the field
+
+    @property
+    def nan_steps(self) -> frozenset[int]:
+        """`debug_nan_steps` as step numbers."""
+        try:
+            return frozenset(int(s) for s in str(self.debug_nan_steps or "").split(",") if s)
+        except ValueError as e:
+            raise ConfigValueError(f"config.train.debug_nan_steps={self.debug_nan_steps!r}: "
+                                   "use comma-separated step numbers") from e
+
+
+def _check_loss(loss: LossConfig) -> None:
+    _check(loss.grounding_weight >= 0, "loss.grounding_weight", "must be >= 0")
+    _check(loss.grounding_loss in ("bce", "margin"), "loss.grounding_loss",
+           f"{loss.grounding_loss!r} is not 'bce' or 'margin'")
+
+
+def parse_layers(text) -> tuple[int, ...] | None:
+    """`grounding.layers` as the user spells it ("", "none" or "28,29,30,31"), read by the
+    one parser (`GroundingConfig.parse_layers`); a mistake is a ConfigValueError."""
+    try:
+        return GroundingConfig.parse_layers(text, field="config.grounding.layers")
+    except ConfigError as e:
+        raise ConfigValueError(str(e)) from e
+
+
+def layers_text(layers: tuple[int, ...] | None) -> str:
+    """`parse_layers`'s inverse."""
+    return "" if layers is None else ",".join(map(str, layers)) or "none"
+
+
+def _check_grounding(g: GroundingConfig) -> None:
+    _check(g.type in GROUNDING_TYPES, "grounding.type",
+           f"{g.type!r} is not one of {list(GROUNDING_TYPES)}")
+
+
+def _default_mesh() -> dict[str, int]:
+    return dict(data=1, fsdp=-1, tensor=1)
+
+
+def _default_distributed() -> dict[str, Any]:
+    return dict(coordinator_address="", num_processes=0, process_id=0)
+
+
+_SECTIONS = {"train": TrainSettings, "data": DataSettings, "loss": LossConfig,
+             "grounding": GroundingConfig, "model": ModelSettings}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """A whole training run, typed and checked: what `jaxground.training.trainer.train`
+    takes. Build it with `TrainRun.from_config_dict(cfg)` (once, at the CLI's edge)."""
+
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    train: TrainSettings = dataclasses.field(default_factory=TrainSettings)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    grounding: GroundingConfig = dataclasses.field(default_factory=GroundingConfig)
+    mesh: dict[str, int] = dataclasses.field(default_factory=_default_mesh)
+    distributed: dict[str, Any] = dataclasses.field(default_factory=_default_distributed)
+    # The ConfigDict as given (`cfg.to_dict()`): sections the trainer does not read (`eval`)
+    # and the spelling of `grounding.layers` go to train_config.json as they came.
+    raw: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_loss(self.loss)
+        _check_grounding(self.grounding)
+        unknown = sorted(set(self.mesh) - set(MESH_AXES))
+        _check(not unknown, "mesh", f"axes {unknown} are not among {list(MESH_AXES)}")
+
+    @classmethod
+    def from_config_dict(cls, cfg) -> TrainRun:
+        """A ConfigDict (or the plain dict of one, e.g. a saved train_config.json) -> the
+        typed run. Missing fields take their defaults (a config saved before a field
+        existed); an unknown field, an impossible value or an unparsable
+        `grounding.layers` raises ConfigValueError naming `config.<section>.<field>`."""
+        raw = cfg.to_dict() if hasattr(cfg, "to_dict") else copy.deepcopy(dict(cfg))
+        sections = {}
+        for name, settings in _SECTIONS.items():
+            values = dict(raw.get(name, {}))
+            known = {f.name for f in dataclasses.fields(settings)}
+            unknown = sorted(set(values) - known)
+            _check(not unknown, f"{name}.{unknown[0] if unknown else ''}",
+                   f"not a field of config.{name} (fields: {sorted(known)})")
+            if name == "grounding":
+                values["layers"] = parse_layers(values.get("layers", ""))
+            sections[name] = settings(**values)
+        if "eval" in raw:  # checked here too, so a run does not fail only when evaluated
+            eval_cfg = default_config().eval
+            eval_cfg.update(raw["eval"])
+            validate_eval(eval_cfg)
+        return cls(**sections, mesh=dict(raw.get("mesh", _default_mesh())),
+                   distributed=dict(raw.get("distributed", _default_distributed())), raw=raw)
+
+    def to_dict(self) -> dict:
+        """The ConfigDict's dict again (train_config.json; `write_train_config` takes the
+        run): `raw` with the typed sections' values written over it, so a run changed with
+        `dataclasses.replace` saves the values it trains with."""
+        out = copy.deepcopy(self.raw)
+        for name in (*_SECTIONS, "mesh", "distributed"):
+            value = getattr(self, name)
+            out.setdefault(name, {}).update(
+                dict(value) if isinstance(value, Mapping) else dataclasses.asdict(value))
+        given = self.raw.get("grounding", {}).get("layers", "")
+        out["grounding"]["layers"] = (given if parse_layers(given) == self.grounding.layers
+                                      else layers_text(self.grounding.layers))
+        return out
+
+
+# ---- the ConfigDict ---------------------------------------------------------------------------
+def _config_dict(settings) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dataclasses.asdict(settings))
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """Every field at its default (the settings dataclasses above say what each means)."""
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(
-        preset="shapes",       # a jaxground.models.config preset, or "shapes"
-        init_from="",          # a converted checkpoint dir (overrides `preset`'s weights)
-        dtype="float32",       # compute dtype
-        param_dtype="float32",  # master copy of trainable parameters
-        frozen_dtype="",       # e.g. "bfloat16": frozen parameters kept in that dtype
-        remat="none",          # "none" | "full" | "dots" (save matmul outputs)
-    ))
-    c.grounding = ml_collections.ConfigDict(dict(
-        layers="",             # "" = the last four decoder layers; "none"; or "28,29,30,31"
-        type="similarity", dim=256, num_heads=8, aggregate="mean",
-        image_features="projected", init_scale=1 / 0.07, init_bias=0.0))
-    c.loss = ml_collections.ConfigDict(dict(grounding_weight=1.0, grounding_loss="bce",
-                                            margin=1.0))
-    c.data = ml_collections.ConfigDict(dict(
-        dir="",                # COCO-format folder; "" = generate the shapes world in WORKDIR
-        records="",            # grounding records .jsonl; "" = build them from `dir`
-        eval_dir="",           # held-out COCO-format folder ("" = generated for shapes)
-        eval_records="",
-        world_images=2000,     # shapes world size when generated
-        eval_world_images=200,
-        strategies="random,popular,adversarial",
-        kinds="caption,question",
-        label_attributes=False,  # grounding labels also cover attribute words ("red car")
-        template="hf", pad_to_square=False,
-        groups_per_batch=8,    # global; a batch has 2x this many rows
-        max_length=96, workers=0, on_bad_image="skip", on_too_long="drop", seed=0))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=300, lr=3e-3, warmup_steps=20, end_lr_fraction=0.1, weight_decay=0.0,
-        b1=0.9, b2=0.98, clip_norm=1.0, grad_accum=1, seed=0,
-        trainable=".*",        # comma-separated regexes over parameter paths
-        checkpoint_every=100, keep_checkpoints=3, save_frozen=True,
-        log_every=1, eval_every=0, eval_batches=8, max_bad_steps=5,
-        progress=True,
-        stop_at=0,             # save and exit cleanly at this global step (0: off), e.g.
-                               # to fit a job's time slice; rerun to continue
-        debug_nan_steps=""))   # fault injection: comma-separated steps given a NaN batch
+    c.model = _config_dict(ModelSettings())
+    # grounding.layers: "" = the last four decoder layers; "none"; or "28,29,30,31"
+    c.grounding = ml_collections.ConfigDict({**dataclasses.asdict(GroundingConfig()),
+                                             "layers": ""})
+    c.loss = _config_dict(LossConfig())
+    c.data = _config_dict(DataSettings())
+    c.train = _config_dict(TrainSettings())
     c.eval = ml_collections.ConfigDict(dict(
         # The published way of asking (jaxground.eval.protocols): "llava_1_5" (LLaVA-1.5's
         # own scripts), "hf" (llava-hf's chat format), "lmms_eval", or "training" (the run's
@@ -84,9 +279,8 @@ def default_config() -> ml_collections.ConfigDict:
         limit=0,               # evaluate the first N images / questions only (0: all)
         split="",              # COCO annotation split, when a folder holds several
         heatmaps=4))           # samples given heatmap pages (grounding task)
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0,
-                                                   process_id=0))
+    c.mesh = ml_collections.ConfigDict(_default_mesh())
+    c.distributed = ml_collections.ConfigDict(_default_distributed())
     return c
 
 
@@ -136,61 +330,6 @@ def llava_1_5_config(preset: str) -> ml_collections.ConfigDict:
     c.train.save_frozen = False         # frozen weights come back from init_from
     c.train.checkpoint_every = 500
     return c
-
-
-class ConfigValueError(ValueError):
-    """An impossible training-config value; the message names the field."""
-
-
-def _check(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-        raise ConfigValueError(f"config.{field}: {msg}")
-
-
-def grounding_config(cfg) -> GroundingConfig:
-    g = cfg.grounding
-    layers = g.layers.strip() if isinstance(g.layers, str) else g.layers
-    if layers in ("", None):
-        parsed = None
-    elif layers == "none":
-        parsed = ()
-    else:
-        try:
-            parsed = tuple(int(x) for x in str(layers).split(","))
-        except ValueError as e:
-            raise ConfigValueError(f"config.grounding.layers={layers!r}: use '', 'none' or "
-                                   "comma-separated layer indices") from e
-    return GroundingConfig(layers=parsed, type=g.type, dim=g.dim, num_heads=g.num_heads,
-                           aggregate=g.aggregate, image_features=g.image_features,
-                           init_scale=g.init_scale, init_bias=g.init_bias)
-
-
-def validate(cfg) -> None:
-    t, d = cfg.train, cfg.data
-    _check(t.steps > 0, "train.steps", f"{t.steps} must be positive")
-    _check(t.lr > 0, "train.lr", f"{t.lr} must be positive")
-    _check(0 <= t.warmup_steps <= t.steps, "train.warmup_steps",
-           f"{t.warmup_steps} must lie in [0, train.steps={t.steps}]")
-    _check(t.grad_accum >= 1, "train.grad_accum", f"{t.grad_accum} must be >= 1")
-    _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
-    _check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
-    _check(d.groups_per_batch >= 1, "data.groups_per_batch", "must be >= 1")
-    _check(d.max_length >= 8, "data.max_length", f"{d.max_length} is too short")
-    _check(cfg.loss.grounding_weight >= 0, "loss.grounding_weight", "must be >= 0")
-    _check(cfg.loss.grounding_loss in ("bce", "margin"), "loss.grounding_loss",
-           f"{cfg.loss.grounding_loss!r} is not 'bce' or 'margin'")
-    _check(cfg.grounding.type in GROUNDING_TYPES, "grounding.type",
-           f"{cfg.grounding.type!r} is not one of {list(GROUNDING_TYPES)}")
-    _check(cfg.model.remat in ("none", "full", "dots"), "model.remat",
-           f"{cfg.model.remat!r} is not 'none', 'full' or 'dots'")
-    _check(cfg.model.preset in PRESETS or cfg.model.preset == "shapes" or cfg.model.init_from,
-           "model.preset", f"{cfg.model.preset!r} is not one of {sorted(PRESETS) + ['shapes']}")
-    for name in ("dtype", "param_dtype"):
-        _check(cfg.model[name] in ("float32", "bfloat16", "float16"), f"model.{name}",
-               f"{cfg.model[name]!r} is not float32, bfloat16 or float16")
-    grounding_config(cfg)
-    if "eval" in cfg:
-        validate_eval(cfg.eval)
 
 
 def validate_eval(e) -> None:
