@@ -1,10 +1,14 @@
 """Peak memory of `convert/hf_to_orbax.py` on a synthetic HF LLaVA checkpoint.
 
   python bench/convert_memory.py [--size_mb 600] [--dtype bfloat16] [--keep DIR]
+  python bench/convert_memory.py --preset llava-1.5-7b      # the real size: 13.2 GiB fp16
 
 Writes a random fp32 checkpoint of about `--size_mb` MiB (config.json + 2 safetensors shards
 + model.safetensors.index.json) tensor by tensor, so the writer never holds the model, then
-runs the converter in a subprocess and reports:
+runs the converter in a subprocess. `--preset llava-1.5-7b` writes what a user downloads
+instead: llava-hf/llava-1.5-7b-hf's published config.json, its Hub key layout, fp16 values
+in 3 shards (13.2 GiB; nothing downloaded), converted with --dtype bfloat16 by default.
+Reports:
 
   checkpoint_bytes   bytes of the .safetensors files
   peak_rss           ru_maxrss of the converter process (os.wait4), and the converter's own
@@ -33,14 +37,16 @@ import zlib
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _path in (REPO, os.path.join(REPO, "bench")):  # also when imported by the tests
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from jaxground.utils.trees import flatten  # noqa: E402
 from jaxground.checkpoints.hf_weights import hf_tensors, hub_layout  # noqa: E402
 from jaxground.models.config import LlavaConfig, TextConfig, VisionConfig  # noqa: E402
 from jaxground.models.llava import abstract_model, param_dict  # noqa: E402
 from jaxground.checkpoints.safetensors_io import write_safetensors  # noqa: E402
+from machine import cpu_info  # noqa: E402  (bench/machine.py)
 
 MiB = 1 << 20
 MAX_RATIO = 1.25  # the acceptance bound on peak RSS / checkpoint bytes
@@ -49,6 +55,45 @@ OUT_JSON = os.path.join(REPO, "bench", "out", "convert_memory.json")
 
 
 # ---- synthetic checkpoint ---------------------------------------------------------------------
+# llava-hf/llava-1.5-7b-hf's config.json as published on the Hub: most sizes are left to
+# LlamaConfig's and CLIPVisionConfig's defaults, which the converter must fill in the same way.
+LLAVA_1_5_7B_HF_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "ignore_index": -100,
+    "image_token_index": 32000,
+    "model_type": "llava",
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.36.0.dev0",
+    "vision_config": {
+        "hidden_size": 1024,
+        "image_size": 336,
+        "intermediate_size": 4096,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "vocab_size": 32000,
+    },
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vocab_size": 32064,
+}
+PUBLISHED = {"llava-1.5-7b": LLAVA_1_5_7B_HF_CONFIG}
+
+
 def synthetic_config(size_mb: float, hidden: int = 1024, vocab: int = 32064) -> LlavaConfig:
     """A LLaVA config whose fp32 parameters take at least `size_mb` MiB: a small CLIP and a
     LLaMA 1024 wide with as many decoder layers as the size needs (~49 MiB each)."""
@@ -96,55 +141,64 @@ def hf_named(flat_params: dict) -> list[tuple[str, object]]:
     return out
 
 
-def tensor_value(key: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """The random fp32 value written for `key`: deterministic, so it can be re-created to
-    check a converted checkpoint without reading the HF files back."""
+def tensor_value(key: str, shape: tuple[int, ...], seed: int = 0,
+                 dtype=np.float32) -> np.ndarray:
+    """The random value written for `key` (drawn in fp32, then cast to `dtype`):
+    deterministic, so it can be re-created to check a converted checkpoint without reading
+    the HF files back."""
     rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
     out = rng.standard_normal(shape, dtype=np.float32)
     out *= 0.02
-    return out
+    return out if np.dtype(dtype) == np.float32 else out.astype(dtype)
 
 
 class _LazyTensor:
     """Shape/dtype now, data on `np.asarray` (write_safetensors needs the header first and
     then makes each tensor contiguous only while it writes it)."""
 
-    def __init__(self, key: str, shape: tuple[int, ...], seed: int):
+    def __init__(self, key: str, shape: tuple[int, ...], seed: int, dtype=np.float32):
         self.key, self.shape, self.seed = key, shape, seed
-        self.dtype = np.dtype(np.float32)
-        self.nbytes = int(np.prod(shape)) * 4
+        self.dtype = np.dtype(dtype)
+        self.nbytes = int(np.prod(shape)) * self.dtype.itemsize
 
     def __array__(self, dtype=None, copy=None):
-        out = tensor_value(self.key, self.shape, self.seed)
+        out = tensor_value(self.key, self.shape, self.seed, self.dtype)
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def write_synthetic_checkpoint(hf_dir: str, size_mb: float = 600, seed: int = 0,
-                               num_shards: int = 2) -> dict:
+                               num_shards: int = 2, preset: str | None = None) -> dict:
     """Writes config.json + `num_shards` safetensors shards + index; returns a summary
-    {config, checkpoint_bytes, shards, keys: {key: shape}} (one tensor in memory at a time)."""
-    config = synthetic_config(size_mb)
+    {config, checkpoint_bytes, shards, keys: {key: shape}} (one tensor in memory at a time).
+    With `preset` (a key of PUBLISHED): that model's published config.json and fp16 values
+    instead of a synthetic fp32 model of `size_mb`."""
+    if preset:
+        hf_config = PUBLISHED[preset]
+        config, dtype = LlavaConfig.from_hf(hf_config), np.dtype(np.float16)
+    else:
+        config, dtype = synthetic_config(size_mb), np.dtype(np.float32)
+        hf_config = config.to_hf()
     specs = tensor_specs(config)
     os.makedirs(hf_dir, exist_ok=True)
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    total = sum(int(np.prod(s)) * 4 for _, s in specs)
+        json.dump(hf_config, f, indent=2)
+    total = sum(int(np.prod(s)) * dtype.itemsize for _, s in specs)
     groups, acc = [[] for _ in range(num_shards)], 0
     for key, shape in specs:  # contiguous split by bytes
         groups[min(num_shards - 1, acc * num_shards // total)].append((key, shape))
-        acc += int(np.prod(shape)) * 4
+        acc += int(np.prod(shape)) * dtype.itemsize
     groups = [g for g in groups if g]
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map = {}
     for name, group in zip(names, groups):
         write_safetensors(os.path.join(hf_dir, name),
-                          [(k, _LazyTensor(k, s, seed)) for k, s in group])
+                          [(k, _LazyTensor(k, s, seed, dtype)) for k, s in group])
         weight_map.update({k: name for k, _ in group})
     with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     ckpt_bytes = sum(os.path.getsize(os.path.join(hf_dir, n)) for n in names)
     return {"config": config, "checkpoint_bytes": ckpt_bytes, "shards": names,
-            "keys": dict(specs), "seed": seed}
+            "keys": dict(specs), "seed": seed, "dtype": dtype}
 
 
 # ---- running the converter --------------------------------------------------------------------
@@ -204,26 +258,37 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size_mb", type=float, default=600,
                         help="synthetic checkpoint size in MiB (fp32; rounded up by layers)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append",
+    parser.add_argument("--preset", choices=sorted(PUBLISHED), default=None,
+                        help="the real model: its published config.json and key layout, "
+                             "fp16 values in 3 shards (ignores --size_mb)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], action="append",
                         help="converter --dtype; repeat to run several (default: float32, "
-                             "then bfloat16)")
+                             "then bfloat16; with --preset: bfloat16)")
     parser.add_argument("--keep", metavar="DIR", default=None,
                         help="write into DIR and keep it (default: a temp dir, removed)")
-    parser.add_argument("--json", default=OUT_JSON, help="where to write the results")
+    parser.add_argument("--json", default=None, help="where to write the results (default "
+                        "bench/out/convert_memory[_PRESET].json)")
     args = parser.parse_args(argv)
-    dtypes = args.dtype or ["float32", "bfloat16"]
+    dtypes = args.dtype or (["bfloat16"] if args.preset else ["float32", "bfloat16"])
+    json_path = args.json or (OUT_JSON.replace(".json", f"_{args.preset}.json") if args.preset
+                              else OUT_JSON)
+    cpu, simd = cpu_info()
+    print(f"cpu: {cpu} ({', '.join(simd) or 'no avx2'}), {os.cpu_count()} cpus")
     work = args.keep or tempfile.mkdtemp(prefix="convert_memory_")
     try:
         hf_dir = os.path.join(work, "hf")
         t0 = time.time()
-        ckpt = write_synthetic_checkpoint(hf_dir, args.size_mb)
+        ckpt = write_synthetic_checkpoint(hf_dir, args.size_mb, preset=args.preset,
+                                          num_shards=3 if args.preset else 2)
         t = ckpt["config"].text
-        print(f"synthetic checkpoint: {ckpt['checkpoint_bytes'] / MiB:.1f} MiB "
-              f"({ckpt['checkpoint_bytes'] / 1e6:.1f} MB) in {len(ckpt['shards'])} shards, "
-              f"LLaMA {t.num_layers}x{t.hidden_size} vocab {t.vocab_size}, "
-              f"written in {time.time() - t0:.1f}s")
-        results = {"size_mb": args.size_mb, "checkpoint_bytes": ckpt["checkpoint_bytes"],
-                   "text_layers": t.num_layers, "runs": {}}
+        print(f"{args.preset or 'synthetic'} checkpoint: {ckpt['checkpoint_bytes'] / MiB:.1f} "
+              f"MiB ({ckpt['checkpoint_bytes'] / 2**30:.2f} GiB, {ckpt['dtype']}) in "
+              f"{len(ckpt['shards'])} shards, LLaMA {t.num_layers}x{t.hidden_size} vocab "
+              f"{t.vocab_size}, written in {time.time() - t0:.1f}s")
+        results = {"cpu": cpu, "preset": args.preset, "size_mb": args.size_mb,
+                   "checkpoint_bytes": ckpt["checkpoint_bytes"],
+                   "checkpoint_dtype": str(ckpt["dtype"]), "text_layers": t.num_layers,
+                   "runs": {}}
         for dtype in dtypes:
             out = os.path.join(work, f"out_{dtype}")
             run = run_converter(hf_dir, out, None if dtype == "float32" else dtype)
@@ -240,10 +305,10 @@ def main(argv=None) -> int:
                   f"{'met' if s['peak_over_checkpoint'] <= MAX_RATIO else 'NOT met'}")
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {json_path}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

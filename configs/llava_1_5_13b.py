@@ -6,10 +6,10 @@
       --config.data.records=coco_train.jsonl
 Default trainable set: projector + grounding heads (add the LLM with
 --config.train.trainable='projector,grounding_heads,language_model'). Every other
-default is in `jaxground.training.config.llava_1_5_config`.
+default is in `jaxground.config.llava_1_5_config`.
 """
 
-from jaxground.training.config import llava_1_5_config
+from jaxground.config import llava_1_5_config
 
 
 def get_config():

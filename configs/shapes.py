@@ -3,10 +3,10 @@
   python -m jaxground.train --config configs/shapes.py --workdir runs/shapes
 Trains in a few minutes on 2 CPU cores; the world is generated into WORKDIR/data on the
 first run unless --config.data.dir points at one. Every default is in
-`jaxground.training.config.shapes_config` (the demo starts from it too).
+`jaxground.config.shapes_config` (the demo starts from it too).
 """
 
-from jaxground.training.config import shapes_config
+from jaxground.config import shapes_config
 
 
 def get_config():

@@ -44,7 +44,7 @@ def build_worlds(out: str, train_images: int, heldout_images: int, bias: float) 
 
 
 def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float):
-    from jaxground.training.config import shapes_config
+    from jaxground.config import shapes_config
 
     cfg = shapes_config()
     cfg.data.dir, cfg.data.eval_dir = train_dir, heldout_dir
@@ -61,14 +61,15 @@ def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float)
 
 def train_model(cfg, workdir: str) -> float:
     """Trains (or, when a finished run is there, reuses) a model; returns its seconds."""
-    from jaxground import train
+    from jaxground.config import RunConfig
+    from jaxground.training.trainer import train
 
     stamp = os.path.join(workdir, "train_seconds.json")
     if os.path.exists(stamp):
         with open(stamp) as f:
             return json.load(f)["train_seconds"]
     t0 = time.perf_counter()
-    train.train(cfg, workdir)
+    train(RunConfig.from_config_dict(cfg).train, workdir)
     seconds = time.perf_counter() - t0
     with open(stamp, "w") as f:
         json.dump({"train_seconds": seconds}, f)
@@ -78,21 +79,21 @@ def train_model(cfg, workdir: str) -> float:
 def evaluate_model(cfg, workdir: str, heldout: str, guided: bool, contrast: str = "") -> dict:
     """POPE + CHAIR + token AUROC on the held-out split (captions generated once, for both
     CHAIR and the AUROC)."""
+    from jaxground.eval import runner, tasks
     from jaxground.utils.jsonl import read_jsonl
-    from jaxground.eval import tasks
-    from jaxground.evaluate import SAMPLES_FILE, evaluate, output_dir
 
     cfg.eval.guided, cfg.eval.contrast = guided, contrast
+    settings = runner.settings_for(workdir, cfg)
     out = {}
     if not guided:  # guidance acts on object words only: yes/no answers are the same
-        pope = evaluate(workdir, "pope", heldout, cfg)["metrics"]
+        pope = runner.run_task(workdir, "pope", heldout, settings)["metrics"]
         out.update({f"pope_{s}_f1": pope[s]["f1"] for s in ("random", "popular", "adversarial")})
         out.update({f"pope_{s}_accuracy": pope[s]["accuracy"]
                     for s in ("random", "popular", "adversarial")})
-    eval_dir = output_dir(workdir, "grounding", heldout, cfg)
-    g = evaluate(workdir, "grounding", heldout, cfg, out=eval_dir)
-    chair = tasks.score_chair(read_jsonl(os.path.join(eval_dir, SAMPLES_FILE)), heldout,
-                              matcher=cfg.eval.chair_matcher)
+    eval_dir = runner.output_dir(workdir, "grounding", heldout, settings)
+    g = runner.run_task(workdir, "grounding", heldout, settings, out=eval_dir)
+    chair = tasks.score_chair(read_jsonl(os.path.join(eval_dir, runner.SAMPLES_FILE)), heldout,
+                              matcher=settings.chair_matcher)
     # Report paths are relative to the demo folder, the workdirs' parent.
     prefix = os.path.relpath(eval_dir, os.path.dirname(os.path.normpath(workdir)))
     out.update(chair_s=chair["chair_s"], chair_i=chair["chair_i"], recall=chair["recall"],

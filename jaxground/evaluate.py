@@ -26,12 +26,12 @@ Flags -> config -> `jaxground.eval.settings.EvalSettings` -> `jaxground.eval.run
 from __future__ import annotations
 
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from jaxground.eval import protocols, report, runner, tasks
-from jaxground.eval.runner import SAMPLES_FILE  # noqa: F401  (the demo reads it from here)
 
 FLAGS = flags.FLAGS
 
@@ -59,11 +59,6 @@ def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = No
                            images=images, out=out, rescore=rescore)
 
 
-def output_dir(workdir: str, task: str, data: str, cfg) -> str:
-    """`jaxground.eval.runner.output_dir` under the settings of `cfg` (a run's config)."""
-    return runner.output_dir(workdir, task, data, runner.settings_for(workdir, cfg))
-
-
 def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -73,6 +68,9 @@ def main(argv) -> None:
     f = FLAGS
     if not f.workdir or not f.task or not f.data:
         raise app.UsageError("--workdir, --task and --data are required")
+    for flag, path in (("--workdir", f.workdir), ("--data", f.data)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
     results = evaluate(f.workdir, f.task, f.data, f.config, f.step, f.images, f.out, f.rescore)
     print(f"protocol {protocols.Protocol(**results['protocol']).describe()}")
     print(report.task_summary(results))

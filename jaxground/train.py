@@ -3,7 +3,8 @@
   python -m jaxground.train --config configs/shapes.py --workdir runs/shapes \
       [--config.train.steps=200 --config.mesh.fsdp=2 ...]
 
-Flags -> ConfigDict -> `TrainRun` (typed and checked once) -> the trainer
+Flags -> ConfigDict -> `RunConfig` (typed and checked once, the eval section too, so a
+typo there fails now rather than after training) -> the trainer
 (jaxground.training.trainer.train). Resumes from the latest checkpoint in WORKDIR;
 SIGTERM/SIGINT save a checkpoint at the current step first. Logs to WORKDIR/metrics.jsonl
 and TensorBoard event files in WORKDIR/tb; prints the last step's metrics as one JSON line.
@@ -19,8 +20,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxground.config import RunConfig
 from jaxground.training import trainer
-from jaxground.training.config import TrainRun
 
 FLAGS = flags.FLAGS
 
@@ -32,8 +33,8 @@ def define_flags() -> None:
 
 
 def train(cfg, workdir: str) -> dict:
-    """Trains the run a training ConfigDict describes (see `trainer.train` for the result)."""
-    return trainer.train(TrainRun.from_config_dict(cfg), workdir)
+    """Trains the run a ConfigDict describes (see `trainer.train` for the result)."""
+    return trainer.train(RunConfig.from_config_dict(cfg).train, workdir)
 
 
 def main(argv) -> None:

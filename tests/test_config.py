@@ -6,18 +6,18 @@ import json
 import math
 
 import jax
-import numpy as np
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
+from transformers import LlamaConfig
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
 from jaxground.models.config import GroundingConfig, LlavaConfig, llava_1_5_13b, llava_1_5_7b
 from jaxground.models.llava import abstract_model, param_dict
+from jaxground.config import RunConfig, default_config, llava_1_5_config, shapes_config
+from jaxground.eval.settings import EvalConfigError, EvalSettings
 from jaxground.training.config import (ConfigValueError, DataSettings, ModelSettings, TrainRun,
-                                       TrainSettings, default_config, llava_1_5_config,
-                                       shapes_config)
+                                       TrainSettings)
 from jaxground.training.losses import LossConfig
 from jaxground.training.setup import model_config
 
@@ -148,8 +148,8 @@ def test_grounding_layers_are_parsed_into_the_grounding_config(text, layers):
 def test_a_config_mistake_names_its_field(section, field, value, message):
     cfg = default_config()
     cfg[section][field] = value
-    with pytest.raises(ConfigValueError, match=f"^{message}"):
-        TrainRun.from_config_dict(cfg)
+    with pytest.raises((ConfigValueError, EvalConfigError), match=f"^{message}"):
+        RunConfig.from_config_dict(cfg)
 
 
 def test_a_saved_config_dict_reads_back_old_fields_default_unknown_ones_named():
@@ -176,3 +176,17 @@ def test_to_dict_is_the_config_dicts_dict_with_the_runs_current_values():
     assert saved["train"]["steps"] == 700 and saved["grounding"]["layers"] == "none"
     assert TrainRun.from_config_dict(saved) == changed
     assert TrainRun().to_dict()["grounding"]["layers"] == ""
+
+
+def test_the_run_config_checks_every_section_once_at_the_edge():
+    """RunConfig is the one typed tree: training's sections and the eval section, each from
+    the dataclass that owns it; a mistake in eval fails before training starts."""
+    cfg = shapes_config()
+    run = RunConfig.from_config_dict(cfg)
+    assert run.train == TrainRun.from_config_dict(cfg)
+    assert run.eval == EvalSettings.from_config_dict(cfg)
+    assert run.eval.label_attributes and run.train.data.label_attributes
+    assert default_config().eval.to_dict() == EvalSettings().eval_dict()
+    cfg.eval.top_p = 0.0
+    with pytest.raises(EvalConfigError, match=r"^config\.eval\.top_p"):
+        RunConfig.from_config_dict(cfg)

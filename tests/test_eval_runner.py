@@ -11,7 +11,7 @@ import pytest
 
 from jaxground.eval import pope, report, runner
 from jaxground.eval.settings import EVAL_FIELDS, EvalConfigError, EvalSettings
-from jaxground.training.config import default_config, llava_1_5_config
+from jaxground.config import default_config, llava_1_5_config
 from test_protocols import converted  # noqa: F401  (a fixture: a tiny converted LLaVA + POPE)
 
 REPO = __file__.rsplit("/tests/", 1)[0]

@@ -77,6 +77,26 @@ def test_no_module_imports_from_a_folder_to_its_right(graph):
     assert not wrong, "\n".join(wrong)
 
 
+CLIS = ("jaxground.train", "jaxground.evaluate", "jaxground.demo")
+
+
+def test_nothing_imports_a_cli(graph):
+    """CLIs are flags -> config -> library calls: what another module needs from one lives in
+    the library (the demo trains through jaxground.training, evaluates through
+    jaxground.eval.runner)."""
+    wrong = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if d in CLIS)
+    assert not wrong, "\n".join(wrong)
+    assert all(c in graph for c in CLIS)
+
+
+def test_evaluation_never_imports_training(graph):
+    """Evaluating a converted checkpoint needs no training code (DESIGN.md)."""
+    wrong = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                   if m.split(".")[:2] == ["jaxground", "eval"]
+                   and d.split(".")[:2] == ["jaxground", "training"])
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_import_cycles(graph):
     # Tarjan's strongly connected components over module -> imported module.
     index, low, stack, on_stack, cycles = {}, {}, [], set(), []

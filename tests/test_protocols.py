@@ -14,7 +14,7 @@ from jaxground.data.processor import (IGNORE, TEMPLATES, Processor, clip_image_p
                                       llava_fill)
 from jaxground.eval import protocols
 from jaxground.eval.settings import EvalSettings
-from jaxground.training.config import default_config, llava_1_5_config
+from jaxground.config import default_config, llava_1_5_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -7,14 +7,14 @@ import json
 import os
 import signal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxground.parallel import sharding
 from jaxground.training import hooks
-from jaxground.training.config import TrainRun, shapes_config
+from jaxground.config import shapes_config
+from jaxground.training.config import TrainRun
 from jaxground.training.step import BATCH_KEYS
 from jaxground.training.trainer import Hook, StepInfo, Trainer, _train_batches, train
 from jaxground.utils.auroc import auroc

@@ -36,11 +36,25 @@ def save_params(out_dir: str, config: LlavaConfig, params: dict) -> None:
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     with ocp.Checkpointer(_save_handler()) as ckptr:  # synchronous: returns when written
-        ckptr.save(os.path.join(out_dir, PARAMS_DIR),
-                   args=ocp.args.PyTreeSave(params, save_args=save_args_for(params)),
-                   force=True)
+        ckptr.save(os.path.join(out_dir, PARAMS_DIR), force=True, args=ocp.args.PyTreeSave(
+            params, ocdbt_target_data_file_size=_data_file_bytes(params)))
     # The config goes last: a dir with a config always has complete parameters.
     write_config(out_dir, config)
+
+
+def _data_file_bytes(params) -> int | None:
+    """OCDBT's target data file size for saving `params` (None: Orbax's 2 GiB).
+
+    Measured (bench/convert_memory.py): tensorstore copies 16-bit arrays as it writes them
+    and holds the copies until their data file is flushed, so a bf16 llava-1.5-7b (arrays
+    up to 2.9 GB) peaked at 1.48x its bytes with 2 GiB files and 1.06x with 64 MiB ones. fp32
+    arrays are written from the source, and there small files cost memory instead (1.5 GiB
+    fp32: 1.20x with 2 GiB files, 1.80x with 64 MiB). So: small files when most bytes are
+    16-bit.
+    """
+    leaves = jax.tree.leaves(params)
+    narrow = sum(a.nbytes for a in leaves if np.dtype(a.dtype).itemsize < 4)
+    return 64 << 20 if narrow * 2 > sum(a.nbytes for a in leaves) else None
 
 
 def _save_handler() -> ocp.PyTreeCheckpointHandler:
@@ -115,7 +129,10 @@ def check_against_metadata(params_dir: str, target) -> None:
 
 # The least Orbax may hold in read buffers at once (see `restore_arrays`).
 RESTORE_IN_FLIGHT_BYTES = 64 << 20
-# Stored chunks: small enough that a restore onto many devices reads only what each needs.
+# Stored chunks of training checkpoints: small enough that a restore onto many devices reads
+# only what each needs (a 1 GiB workdir onto fsdp=8: 1.24-1.29x its bytes added, against
+# 1.30-1.46x with one chunk per array; the save costs +67 MiB). Converted dirs keep one
+# chunk per array: a chunked save of host arrays peaked at 2.1x (1.5 GiB fp32 conversion).
 CHUNK_BYTES = 64 << 20
 
 

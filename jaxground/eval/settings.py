@@ -6,7 +6,8 @@ saved train_config.json): its `eval` section, whose fields keep their names here
 evaluation needs from the rest of it (`data.template` and `data.pad_to_square`, the
 `training` protocol's prompt format; `data.label_attributes`; the `mesh`; `model.init_from`,
 where a fine-tune's tokenizer lives). A field the config lacks (written before the field
-existed) gets its default: the defaults are those of the training config's. Impossible
+existed) gets its default (`jaxground.config.default_config` takes its `eval` section
+from these). Impossible
 values raise `EvalConfigError` naming the field (`config.eval.<field>`).
 """
 
@@ -25,36 +26,43 @@ DEFAULT_MESH = {"data": 1, "fsdp": -1, "tensor": 1}
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    # ---- the `eval` section (jaxground.training.config.default_config documents each)
-    protocol: str = "training"    # llava_1_5 | hf | lmms_eval | training (eval/protocols.py)
-    template: str = ""            # ""/0 below: the protocol's value
-    image_aspect_ratio: str = ""
-    dtype: str = ""               # "" = the checkpoint's
+    # ---- the `eval` section of a run's config (jaxground.config.default_config)
+    # The published way of asking (jaxground.eval.protocols): "llava_1_5" (LLaVA-1.5's own
+    # scripts), "hf" (llava-hf's chat format), "lmms_eval", or "training" (the run's own
+    # data.template / pad_to_square / caption prompt). Fields below left at ""/0 take the
+    # protocol's value.
+    protocol: str = "training"
+    template: str = ""            # prompt format override: "hf" | "vicuna_v1"
+    image_aspect_ratio: str = ""  # "pad" (LLaVA's expand2square) | "crop"
+    dtype: str = ""               # "" = the checkpoint's; float32 | bfloat16 | float16 (LLaVA)
     batch_size: int = 8
-    max_new_tokens: int = 0       # captions (chair, grounding)
-    answer_tokens: int = 0        # short answers (pope, mme)
-    pope_parser: str = ""
-    mme_parser: str = ""
-    chair_matcher: str = "reference"
-    chair_images: int = 500
-    image_ids: str = ""
+    max_new_tokens: int = 0       # captions (chair, grounding); 0 = the protocol's (512)
+    answer_tokens: int = 0        # short answers (pope, mme); 0 = the protocol's (128)
+    pope_parser: str = ""         # "llava" | "lmms_eval"
+    mme_parser: str = ""          # "official" | "lmms_eval"
+    chair_matcher: str = "reference"  # "reference" (the original CHAIR code) | "clean"
+    chair_images: int = 500       # CHAIR: images drawn (seeded by `seed`) from the folder
+    image_ids: str = ""           # CHAIR: a file of image ids to caption instead (OPERA's)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    guided: bool = False
-    guidance: float = 1.0
+    guided: bool = False          # grounding-guided decoding of captions
+    guidance: float = 1.0         # its alpha: argmax log p + alpha * bonus, bonus = the
+                                  # grounding logit or its log sigmoid (guidance_score)
     guidance_top_k: int = 5
-    guidance_score: str = "logit"
-    guidance_objects_only: bool = True
-    contrast: str = ""
+    guidance_score: str = "logit"  # "logit" | "log_sigmoid"
+    guidance_objects_only: bool = True  # the bonus only for object-word tokens (and the
+                                        # attribute words before them with label_attributes)
+    contrast: str = ""            # "vcd": visual contrastive decoding (Leng et al. 2024)
     contrast_alpha: float = 1.0
     contrast_beta: float = 0.1
     contrast_noise_step: int = 500
-    flag_threshold: float = 0.0
-    caption_prompt: str = ""
-    limit: int = 0
-    split: str = ""
-    heatmaps: int = 4
+    flag_threshold: float = 0.0   # object tokens (and mentions, by their mean) with a lower
+                                  # grounding logit are flagged
+    caption_prompt: str = ""      # "" = the protocol's caption prompt
+    limit: int = 0                # evaluate the first N images / questions only (0: all)
+    split: str = ""               # COCO annotation split, when a folder holds several
+    heatmaps: int = 4             # samples given heatmap pages (grounding task)
     # ---- from the rest of the run's config
     data_template: str = "hf"         # data.template
     data_pad_to_square: bool = False  # data.pad_to_square

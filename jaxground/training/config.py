@@ -1,13 +1,10 @@
-"""The training config: one ml_collections ConfigDict describing a whole run, and the typed,
-checked `TrainRun` made from it once at the command line's edge.
+"""The training part of a run's config, typed and checked: `TrainRun`, made once at the
+command line's edge (`jaxground.config.RunConfig`) from the run's ml_collections ConfigDict.
 
-Presets in configs/*.py start from `default_config()` and change what differs. Every field
-can be overridden on the command line (`--config.train.lr=1e-4`).
 `TrainRun.from_config_dict` rejects impossible values, naming the field, before anything
-is compiled; the library (jaxground.training.trainer) takes only the `TrainRun`.
-
-The settings dataclasses below hold the defaults (and say what each field means);
-`default_config()` is built from them, so the two cannot drift apart.
+is compiled; the library (jaxground.training.trainer) takes only the `TrainRun`. The
+settings dataclasses below hold the defaults (and say what each field means);
+`train_config_dict()` is built from them, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -209,10 +206,6 @@ class TrainRun:
             if name == "grounding":
                 values["layers"] = parse_layers(values.get("layers", ""))
             sections[name] = settings(**values)
-        if "eval" in raw:  # checked here too, so a run does not fail only when evaluated
-            eval_cfg = default_config().eval
-            eval_cfg.update(raw["eval"])
-            validate_eval(eval_cfg)
         return cls(**sections, mesh=dict(raw.get("mesh", _default_mesh())),
                    distributed=dict(raw.get("distributed", _default_distributed())), raw=raw)
 
@@ -236,8 +229,9 @@ def _config_dict(settings) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dataclasses.asdict(settings))
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Every field at its default (the settings dataclasses above say what each means)."""
+def train_config_dict() -> ml_collections.ConfigDict:
+    """Every training field at its default (the settings dataclasses above say what each
+    means); `jaxground.config.default_config` adds the `eval` section."""
     c = ml_collections.ConfigDict()
     c.model = _config_dict(ModelSettings())
     # grounding.layers: "" = the last four decoder layers; "none"; or "28,29,30,31"
@@ -246,125 +240,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = _config_dict(LossConfig())
     c.data = _config_dict(DataSettings())
     c.train = _config_dict(TrainSettings())
-    c.eval = ml_collections.ConfigDict(dict(
-        # The published way of asking (jaxground.eval.protocols): "llava_1_5" (LLaVA-1.5's
-        # own scripts), "hf" (llava-hf's chat format), "lmms_eval", or "training" (the run's
-        # own data.template / pad_to_square / caption prompt). The fields below left at
-        # ""/0 take the protocol's value.
-        protocol="training",
-        template="",           # prompt format override: "hf" | "vicuna_v1"
-        image_aspect_ratio="",  # "pad" (LLaVA's expand2square) | "crop"
-        dtype="",              # "" = the checkpoint's; float32 | bfloat16 | float16 (LLaVA)
-        batch_size=8,
-        max_new_tokens=0,      # captions (chair, grounding); 0 = the protocol's (512)
-        answer_tokens=0,       # short answers (pope, mme); 0 = the protocol's (128)
-        pope_parser="",        # "llava" | "lmms_eval"
-        mme_parser="",         # "official" | "lmms_eval"
-        chair_matcher="reference",  # "reference" (the original CHAIR code) | "clean"
-        chair_images=500,      # CHAIR: images drawn (seeded by eval.seed) from the folder
-        image_ids="",          # CHAIR: a file of image ids to caption instead (e.g. OPERA's)
-        temperature=0.0, top_p=1.0, seed=0,
-        guided=False,          # grounding-guided decoding of captions
-        guidance=1.0,          # its alpha: argmax log p + alpha * bonus, bonus = the
-                               # grounding logit or its log sigmoid (guidance_score)
-        guidance_top_k=5,
-        guidance_score="logit",  # "logit" | "log_sigmoid"
-        guidance_objects_only=True,  # the bonus only for object-word tokens (and the
-                                     # attribute words before them with label_attributes)
-        contrast="",           # "vcd": visual contrastive decoding (Leng et al. 2024)
-        contrast_alpha=1.0, contrast_beta=0.1, contrast_noise_step=500,
-        flag_threshold=0.0,    # object tokens (and mentions, by their mean) with a lower
-                               # grounding logit are flagged
-        caption_prompt="",     # "" = the protocol's caption prompt
-        limit=0,               # evaluate the first N images / questions only (0: all)
-        split="",              # COCO annotation split, when a folder holds several
-        heatmaps=4))           # samples given heatmap pages (grounding task)
     c.mesh = ml_collections.ConfigDict(_default_mesh())
     c.distributed = ml_collections.ConfigDict(_default_distributed())
     return c
-
-
-def shapes_config() -> ml_collections.ConfigDict:
-    """The embedded default (configs/shapes.py, the demo): a tiny LLaVA trained from
-    scratch on the synthetic shapes world, attribute words labelled with their object."""
-    c = default_config()
-    c.model.preset = "shapes"
-    c.grounding.layers = ""          # the last four of the tiny decoder's layers
-    c.grounding.type = "similarity"
-    c.loss.grounding_weight = 1.0
-    c.data.label_attributes = True   # the colour before a shape is labelled with it
-    c.data.world_images = 2000
-    c.data.eval_world_images = 200
-    c.data.groups_per_batch = 8
-    c.data.max_length = 96
-    c.train.steps = 400
-    c.train.lr = 3e-3
-    c.train.warmup_steps = 20
-    c.train.checkpoint_every = 100
-    c.train.eval_every = 100
-    return c
-
-
-def llava_1_5_config(preset: str) -> ml_collections.ConfigDict:
-    """Grounding fine-tuning of a converted LLaVA-1.5 (7B or 13B): bf16 compute, fp32
-    master copies of the trainable projector + heads, frozen CLIP and LLM kept in bf16."""
-    c = default_config()
-    c.model.preset = preset
-    c.model.dtype = "bfloat16"
-    c.model.param_dtype = "float32"
-    c.model.frozen_dtype = "bfloat16"
-    c.model.remat = "dots"
-    c.grounding.layers = ""             # the last four decoder layers
-    c.grounding.type = "similarity"
-    c.loss.grounding_weight = 0.5
-    c.data.template = "vicuna_v1"       # LLaVA-1.5's own conversation format
-    c.data.pad_to_square = True         # LLaVA-1.5's image_aspect_ratio="pad"
-    c.eval.protocol = "llava_1_5"       # numbers comparable with LLaVA's Model Zoo
-    c.data.groups_per_batch = 64
-    c.data.max_length = 768             # 576 image tokens + prompt + caption
-    c.data.workers = 8
-    c.train.steps = 5000
-    c.train.lr = 2e-5
-    c.train.warmup_steps = 150
-    c.train.trainable = "projector,grounding_heads"
-    c.train.save_frozen = False         # frozen weights come back from init_from
-    c.train.checkpoint_every = 500
-    return c
-
-
-def validate_eval(e) -> None:
-    _check(e.batch_size >= 1, "eval.batch_size", f"{e.batch_size} must be >= 1")
-    _check(e.max_new_tokens >= 0, "eval.max_new_tokens", f"{e.max_new_tokens} must be >= 0 "
-           "(0: the protocol's)")
-    _check(e.answer_tokens >= 0, "eval.answer_tokens", f"{e.answer_tokens} must be >= 0 "
-           "(0: the protocol's)")
-    _check(e.temperature >= 0, "eval.temperature", f"{e.temperature} must be >= 0")
-    _check(0 < e.top_p <= 1, "eval.top_p", f"{e.top_p} must lie in (0, 1]")
-    _check(e.guidance_top_k >= 1, "eval.guidance_top_k", f"{e.guidance_top_k} must be >= 1")
-    _check(e.guidance_score in ("logit", "log_sigmoid"), "eval.guidance_score",
-           f"{e.guidance_score!r} is not 'logit' or 'log_sigmoid'")
-    _check(e.dtype in ("", "float32", "bfloat16", "float16"), "eval.dtype",
-           f"{e.dtype!r} is not '', float32, bfloat16 or float16")
-    _check(e.contrast in ("", "vcd"), "eval.contrast", f"{e.contrast!r} is not '' or 'vcd'")
-    _check(not (e.contrast and e.guided), "eval.contrast",
-           "contrastive decoding and grounding guidance cannot be combined")
-    _check(0 <= e.contrast_beta <= 1, "eval.contrast_beta",
-           f"{e.contrast_beta} must lie in [0, 1]")
-    _check(0 <= e.contrast_noise_step < 1000, "eval.contrast_noise_step",
-           f"{e.contrast_noise_step} must lie in [0, 1000)")
-    _check(e.chair_matcher in ("reference", "clean"), "eval.chair_matcher",
-           f"{e.chair_matcher!r} is not 'reference' or 'clean'")
-    _check(e.chair_images >= 0, "eval.chair_images", f"{e.chair_images} must be >= 0")
-    _check(e.limit >= 0, "eval.limit", f"{e.limit} must be >= 0")
-    _check(e.heatmaps >= 0, "eval.heatmaps", f"{e.heatmaps} must be >= 0")
-
-
-def with_eval_defaults(cfg) -> ml_collections.ConfigDict:
-    """`cfg` with every eval field present: a config saved before a field existed gets
-    its default (its own values are kept)."""
-    eval_cfg = default_config().eval
-    if "eval" in cfg:
-        eval_cfg.update(cfg.eval.to_dict() if hasattr(cfg.eval, "to_dict") else cfg.eval)
-    cfg.unlock()
-    cfg.eval = eval_cfg
-    return cfg
