@@ -28,7 +28,7 @@ from jaxground.data.pipeline import PipelineConfig, build_dataset
 from jaxground.data.processor import load_tokenizer, make_processor
 from jaxground.models.config import PRESETS
 from jaxground.models.llava import init_model
-from jaxground.training.config import shapes_config
+from jaxground.config import shapes_config
 from jaxground.training.losses import LossConfig
 from jaxground.training.optim import make_optimizer, trainable_filter
 from jaxground.training.step import BATCH_KEYS, init_state, make_step_fn
