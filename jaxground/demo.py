@@ -49,6 +49,8 @@ def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float)
     cfg = shapes_config()
     cfg.data.dir, cfg.data.eval_dir = train_dir, heldout_dir
     cfg.loss.grounding_weight = grounding_weight
+    # Initialisation, pair sampling and data order (the worlds stay those of DEMO_SEED).
+    cfg.train.seed = cfg.data.seed = args.seed
     cfg.train.steps = args.steps
     cfg.train.checkpoint_every = args.steps
     cfg.train.eval_every = max(args.steps // 4, 1)
@@ -117,6 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--caption-bias", type=float, default=0.8)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--eval-limit", type=int, default=0, help="first N held-out items only")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, pair sampling and "
+                   "data order of both models (the same for both; the worlds do not change)")
     p.add_argument("--quick", action="store_true", help="a tiny run (tests): 30 steps, "
                    "160 training / 24 held-out images")
     args = p.parse_args(argv)
@@ -151,7 +155,7 @@ def main(argv=None) -> None:
         kept = {k: v for k, v in results[model].items()
                 if (k == "train_seconds" and name == model) or (guided and k.startswith("pope_"))}
         results[name] = {**kept, **metrics}
-    settings = {"steps": args.steps, "train_images": args.train_images,
+    settings = {"steps": args.steps, "seed": args.seed, "train_images": args.train_images,
                 "heldout_images": args.heldout_images, "caption_bias": args.caption_bias,
                 "guidance": args.guidance,
                 "guidance_top_k": configs["grounded"].eval.guidance_top_k,
