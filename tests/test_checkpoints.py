@@ -86,15 +86,23 @@ SHARDED_RESTORE = textwrap.dedent('''
 ''')
 
 
-def test_restore_places_every_parameter_on_its_sharding_of_an_fsdp_mesh(tmp_path):
-    script = tmp_path / "sharded_restore.py"
-    script.write_text(SHARDED_RESTORE)
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+def _run_script(tmp_path, name: str, source: str, *args, env=None) -> dict:
+    script = tmp_path / name
+    script.write_text(source)
+    r = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def test_restore_places_every_parameter_on_its_sharding_of_an_fsdp_mesh(tmp_path):
+    out = _run_script(tmp_path, "sharded_restore.py", SHARDED_RESTORE, tmp_path,
+                      env=EIGHT_DEVICES)
     for name in ("converted", "workdir", "workdir_bf16"):
         got = out[name]
         assert got["keys_match"] and got["specs_match"] and got["mesh_ok"], (name, got)
@@ -285,16 +293,6 @@ RESTORE_MEASURED = textwrap.dedent('''
 ''')
 
 
-def _run_script(tmp_path, name: str, source: str, *args, env=None) -> dict:
-    script = tmp_path / name
-    script.write_text(source)
-    r = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=REPO,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_restoring_a_1_gib_workdir_adds_under_1_3x_its_bytes(tmp_path):
     """What the restore adds to the process stays under 1.3x the parameter bytes: the
@@ -305,7 +303,7 @@ def test_restoring_a_1_gib_workdir_adds_under_1_3x_its_bytes(tmp_path):
     workdir, warm_up = tmp_path / "workdir", tmp_path / "tiny"
     written = _run_script(tmp_path, "write.py", WRITE_GIB_WORKDIR, workdir, warm_up)
     got = _run_script(tmp_path, "restore.py", RESTORE_MEASURED, workdir, warm_up,
-                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                      env=EIGHT_DEVICES)
     assert got["sums"] == written["sums"]  # every parameter came back, bit for bit
     assert got["bytes"] >= 1 << 30 and got["sharded"]
     added, raw = (got["peak"] - got["start"]) / got["bytes"], got["peak"] / got["bytes"]

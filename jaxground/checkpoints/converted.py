@@ -8,6 +8,7 @@ Layout of a converted checkpoint dir:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -111,9 +112,10 @@ def _metadata_tree(directory: str):
     return getattr(meta, "item_metadata", meta)
 
 
-def check_against_metadata(params_dir: str, target) -> None:
-    """Compares stored shapes with the target tree; raises naming every mismatch."""
-    stored = {k: tuple(v.shape) for k, v in leaves_by_path(_metadata_tree(params_dir)).items()}
+def check_against_metadata(params_dir: str, target, stored_tree) -> None:
+    """Compares the stored shapes (`stored_tree`, `_metadata_tree(params_dir)`) with the
+    target tree; raises naming every mismatch."""
+    stored = {k: tuple(v.shape) for k, v in leaves_by_path(stored_tree).items()}
     wanted = {k: tuple(v.shape) for k, v in leaves_by_path(target).items()}
     missing = sorted(set(wanted) - set(stored))
     extra = sorted(set(stored) - set(wanted))
@@ -141,15 +143,12 @@ def save_args_for(tree):
     return jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
 
 
+@functools.cache  # once per process
 def _large_frees_go_back_to_the_os() -> None:
     """glibc raises its mmap threshold (up to 32 MiB) after each large free, so the
     restore's shard-sized read buffers end up in the heap, where freed memory stays in the
     process: +0.1x of a sharded restore, kept. A fixed 16 MiB threshold keeps them mmapped
     (one mmap per buffer of >= 16 MiB: noise beside filling it)."""
-    global _MALLOPT_DONE
-    if _MALLOPT_DONE:
-        return
-    _MALLOPT_DONE = True
     try:
         import ctypes
 
@@ -158,12 +157,10 @@ def _large_frees_go_back_to_the_os() -> None:
         pass
 
 
-_MALLOPT_DONE = False
-
-
-def restore_arrays(directory: str, targets, partial: bool = False):
+def restore_arrays(directory: str, targets, stored_tree, partial: bool = False):
     """Orbax restore of `targets` (a tree of ShapeDtypeStructs with shardings): each array
-    read straight onto its sharding, cast to its dtype while reading.
+    read straight onto its sharding, cast to its dtype while reading. `stored_tree`: the
+    checkpoint's array metadata (its caller has read it already to check the targets).
 
     Orbax reads each shard into a host buffer and copies it onto its device; by default it
     reads every array before it places any (96 GB in flight), so restoring held the model
@@ -172,7 +169,7 @@ def restore_arrays(directory: str, targets, partial: bool = False):
     `CHUNK_BYTES`, so a shard read touches little beyond the shard.
     """
     _large_frees_go_back_to_the_os()
-    stored = leaves_by_path(_metadata_tree(directory))
+    stored = leaves_by_path(stored_tree)
     largest = max((_read_bytes(t, stored[k]) for k, t in leaves_by_path(targets).items()),
                   default=0)
     # Orbax takes GB (1e9 bytes, then multiplies back): 1 MiB of slack absorbs the rounding.
@@ -194,8 +191,9 @@ def restore_params(path: str, config: LlavaConfig, mesh=None) -> dict[str, Any]:
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{params_dir} is missing: no parameters in {path}")
-    check_against_metadata(params_dir, target)
-    return restore_arrays(params_dir, target)
+    stored = _metadata_tree(params_dir)
+    check_against_metadata(params_dir, target, stored)
+    return restore_arrays(params_dir, target, stored)
 
 
 def restore_params_for(path: str, config: LlavaConfig, mesh=None) -> dict[str, Any]:

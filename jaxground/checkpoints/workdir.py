@@ -141,7 +141,7 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
 
     targets = {part: target(part) for part in wanted}
     restored = restore_arrays(os.path.join(directory, str(step), "state"), targets,
-                              partial=True)
+                              {part: meta[part] for part in targets}, partial=True)
     base = {}
     if "frozen" not in restored:
         init_from = init_from_of(workdir)

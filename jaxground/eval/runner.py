@@ -29,8 +29,8 @@ import numpy as np
 
 from jaxground.checkpoints import restore_model
 from jaxground.checkpoints.converted import read_config
-from jaxground.checkpoints.workdir import (TRAIN_CONFIG_FILE, init_from_of, is_workdir,
-                                          latest_step)
+from jaxground.checkpoints.workdir import (init_from_of, is_workdir, latest_step,
+                                          read_train_config)
 from jaxground.data.objects import token_ids, vocabulary_for
 from jaxground.data.processor import (TOKENIZER_FILES, Processor, clip_image_processor,
                                       load_tokenizer)
@@ -55,10 +55,9 @@ def settings_for(checkpoint: str, given_cfg=None) -> EvalSettings:
         return given_cfg
     if given_cfg is not None:
         return EvalSettings.from_config_dict(given_cfg)
-    saved = os.path.join(checkpoint, TRAIN_CONFIG_FILE)
-    if os.path.exists(saved):
-        with open(saved) as f:
-            return EvalSettings.from_config_dict(json.load(f))
+    saved = read_train_config(checkpoint)
+    if saved is not None:
+        return EvalSettings.from_config_dict(saved)
     # A converted LLaVA checkpoint: evaluate it the way its authors did.
     return EvalSettings(protocol="llava_1_5")
 
