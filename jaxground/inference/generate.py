@@ -26,16 +26,17 @@ step picks the token from the contrast of the two halves' logits and feeds it to
 from __future__ import annotations
 
 import dataclasses
-import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from jaxground.inference import contrast as contrast_lib
 from jaxground.models.grounding import aggregate
 from jaxground.models.llava import LlavaModel, check_image_tokens, check_padding_supported
+from jaxground.models.ops import model_jit
 
 
 @struct.dataclass
@@ -95,6 +96,28 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     l >= log(contrast_beta) + max(l); argmax at temperature 0, else sampled like the plain
     logits. contrast_alpha = 0 is greedy. Not combinable with guidance.
     """
+    out = _generate(*_program_arguments(**locals()))
+    if out.grounding is None or flag_threshold is None:
+        return out
+    flagged = out.scored & (out.grounding < flag_threshold)
+    if flag_tokens is not None:
+        flagged &= token_mask(flag_tokens, model.config.text.vocab_size)[out.tokens]
+    return out.replace(flagged=flagged)
+
+
+def lower_generate(*args, **kwargs):
+    """`jax.jit(...).lower` of the program that `generate(*args, **kwargs)` runs (the model
+    may be abstract): for ahead-of-time compilation and XLA's memory analysis."""
+    bound = inspect.signature(generate).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _generate.lower(*_program_arguments(**bound.arguments))
+
+
+def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_tokens,
+                       temperature, top_p, eos_token_id, pad_token_id, seed, guidance,
+                       guidance_top_k, guidance_score, guidance_tokens, contrast,
+                       contrast_alpha, contrast_beta, contrast_noise_step, **_flags):
+    """`generate`'s arguments checked and turned into those of the compiled program."""
     cfg = model.config
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -134,14 +157,7 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     pixels = None if pixel_values is None else jnp.asarray(pixel_values)
     distorted = (None if contrast is None
                  else contrast_lib.distort(pixels, seed, contrast_noise_step))
-    out = _generate(model, jnp.asarray(input_ids), pixels, distorted, jnp.asarray(mask), knobs,
-                    plan)
-    if out.grounding is None or flag_threshold is None:
-        return out
-    flagged = out.scored & (out.grounding < flag_threshold)
-    if flag_tokens is not None:
-        flagged &= token_mask(flag_tokens, vocab)[out.tokens]
-    return out.replace(flagged=flagged)
+    return model, jnp.asarray(input_ids), pixels, distorted, jnp.asarray(mask), knobs, plan
 
 
 def check_contrast(contrast, pixel_values, guided: bool, alpha, beta) -> None:
@@ -214,7 +230,7 @@ def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, key):
     return jnp.argmax(total, axis=-1)
 
 
-@functools.partial(nnx.jit, static_argnames=("plan",), graph_updates=False)
+@model_jit(static_argnames=("plan",))
 def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, attention_mask,
               knobs, plan: _Plan) -> Generation:
     b, t = input_ids.shape

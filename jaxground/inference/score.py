@@ -3,14 +3,13 @@ uncertainty (token log p and predictive entropy), the baselines grounding is com
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import struct
 
 from jaxground.models.llava import LlavaModel, check_image_tokens, check_padding_supported
+from jaxground.models.ops import model_jit
 
 
 @struct.dataclass
@@ -36,7 +35,7 @@ def score(model: LlavaModel, input_ids, pixel_values=None, attention_mask=None,
                   jnp.asarray(mask), patches)
 
 
-@functools.partial(nnx.jit, static_argnames=("patches",), graph_updates=False)
+@model_jit(static_argnames=("patches",))
 def _score(model: LlavaModel, input_ids, pixel_values, attention_mask, patches) -> Scores:
     out = model.forward(input_ids, pixel_values, attention_mask, patches=patches)
     logp_btv = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)

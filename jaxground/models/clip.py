@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxground.models.config import VisionConfig, dtype_of
 from jaxground.models.layers import scan_layers, stack_layers
+from jaxground.models.ops import Linear
 
 
 def quick_gelu(x):
@@ -26,10 +27,10 @@ class ClipAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, dims: _Dims, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.q_proj = nnx.Linear(d, d, rngs=rngs, **dims.kw)
-        self.k_proj = nnx.Linear(d, d, rngs=rngs, **dims.kw)
-        self.v_proj = nnx.Linear(d, d, rngs=rngs, **dims.kw)
-        self.out_proj = nnx.Linear(d, d, rngs=rngs, **dims.kw)
+        self.q_proj = Linear(d, d, rngs=rngs, **dims.kw)
+        self.k_proj = Linear(d, d, rngs=rngs, **dims.kw)
+        self.v_proj = Linear(d, d, rngs=rngs, **dims.kw)
+        self.out_proj = Linear(d, d, rngs=rngs, **dims.kw)
 
     def __call__(self, x_bsd):
         split = lambda t: rearrange(t, "b s (n h) -> b s n h", n=self.num_heads)
@@ -40,8 +41,8 @@ class ClipAttention(nnx.Module):
 
 class ClipMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, dims: _Dims, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, **dims.kw)
-        self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, rngs=rngs, **dims.kw)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, **dims.kw)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, rngs=rngs, **dims.kw)
 
     def __call__(self, x):
         return self.fc2(quick_gelu(self.fc1(x)))

@@ -28,6 +28,7 @@ from flax import nnx, struct
 
 from jaxground.models.config import GroundingConfig, TextConfig
 from jaxground.models.layers import stack_layers
+from jaxground.models.ops import Linear, einsum
 
 NEG = -1e30
 
@@ -60,16 +61,16 @@ class GroundingHead(nnx.Module):
         self.bias = nnx.Param(jnp.full((), cfg.init_bias, jnp.float32))
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if cfg.type == "learned":
-            self.text_proj = nnx.Linear(text_dim, cfg.dim, **kw)
-            self.image_proj = nnx.Linear(image_dim, cfg.dim, **kw)
+            self.text_proj = Linear(text_dim, cfg.dim, **kw)
+            self.image_proj = Linear(image_dim, cfg.dim, **kw)
         elif cfg.type == "cross_attention":
             if text_dim % cfg.num_heads:
                 raise ValueError(f"grounding.num_heads={cfg.num_heads} must divide the hidden "
                                  f"size {text_dim}")
-            self.q_proj = nnx.Linear(text_dim, text_dim, **kw)
-            self.k_proj = nnx.Linear(image_dim, text_dim, **kw)
-            self.v_proj = nnx.Linear(image_dim, text_dim, **kw)
-            self.o_proj = nnx.Linear(text_dim, text_dim, **kw)
+            self.q_proj = Linear(text_dim, text_dim, **kw)
+            self.k_proj = Linear(image_dim, text_dim, **kw)
+            self.v_proj = Linear(image_dim, text_dim, **kw)
+            self.o_proj = Linear(text_dim, text_dim, **kw)
             self.gate = nnx.Param(jnp.zeros((), jnp.float32))
 
     def __call__(self, text_btd, image_bpd, image_valid_bp):
@@ -100,7 +101,7 @@ class GroundingHead(nnx.Module):
         """[B, n, T, P] float32."""
         q = rearrange(self.q_proj(text_btd), "b t (n h) -> b t n h", n=self.num_heads)
         k = rearrange(self.k_proj(image_bpd), "b p (n h) -> b p n h", n=self.num_heads)
-        logits_bntp = jnp.einsum("btnh,bpnh->bntp", q, k).astype(jnp.float32)
+        logits_bntp = einsum("btnh,bpnh->bntp", q, k, jnp.float32)
         return logits_bntp / jnp.sqrt(jnp.float32(q.shape[-1]))
 
     def _cross_attention(self, text_btd, image_bpd, image_valid_bp):
@@ -112,7 +113,7 @@ class GroundingHead(nnx.Module):
         count_b = jnp.maximum(image_valid_bp.sum(-1), 1).astype(jnp.float32)
         s_bt = jnp.mean(lse_bnt, axis=1) - jnp.log(count_b)[:, None]
         probs = jax.nn.softmax(logits_bntp, axis=-1).astype(v.dtype)
-        summary_btd = rearrange(jnp.einsum("bntp,bpnh->btnh", probs, v), "b t n h -> b t (n h)")
+        summary_btd = rearrange(einsum("bntp,bpnh->btnh", probs, v), "b t n h -> b t (n h)")
         update = jnp.tanh(self.gate[...]).astype(text_btd.dtype) * self.o_proj(summary_btd)
         return s_bt, update
 

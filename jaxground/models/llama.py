@@ -19,6 +19,7 @@ from jaxground.models.cache import KVCache, LayerCache
 from jaxground.models.grounding import (DecodeGrounding, GroundingInputs, apply_head,
                                         apply_head_decode, make_grounding_heads)
 from jaxground.models.layers import scan_layers, stack_layers
+from jaxground.models.ops import Embed, Linear, einsum
 
 
 class RMSNorm(nnx.Module):
@@ -73,10 +74,10 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.impl = cfg.attention_impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d, cfg.num_heads * h, use_bias=cfg.attention_bias, **kw)
-        self.k_proj = nnx.Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
-        self.v_proj = nnx.Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
-        self.o_proj = nnx.Linear(cfg.num_heads * h, d, use_bias=cfg.attention_bias, **kw)
+        self.q_proj = Linear(d, cfg.num_heads * h, use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * h, use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(cfg.num_heads * h, d, use_bias=cfg.attention_bias, **kw)
 
     def _qkv(self, x_btd, cos_bth, sin_bth):
         q = rearrange(self.q_proj(x_btd), "b t (n h) -> b t n h", n=self.num_heads)
@@ -107,16 +108,16 @@ class LlamaAttention(nnx.Module):
         # (b, k) with no transposed copy of the cache per step.
         q_bkqh = rearrange(q, "b c (k g) h -> b k (c g) h", k=self.num_kv_heads)
         scale = q.shape[-1] ** -0.5
-        f32 = dict(preferred_element_type=jnp.float32)
-        cached = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, cache.k_bksh, **f32) * scale
+        f32 = jnp.float32
+        cached = einsum("bkqh,bksh->bkqs", q_bkqh, cache.k_bksh, f32) * scale
         cached = jnp.where(cache.valid_bs[:, None, None], cached, NEG_INF)
-        own_bkq = rearrange(jnp.einsum("bckgh,bckh->bkcg",
-                                       rearrange(q, "b c (k g) h -> b c k g h",
-                                                 k=self.num_kv_heads), k, **f32),
+        own_bkq = rearrange(einsum("bckgh,bckh->bkcg",
+                                   rearrange(q, "b c (k g) h -> b c k g h", k=self.num_kv_heads),
+                                   k, f32),
                             "b k c g -> b k (c g)") * scale
         probs = jax.nn.softmax(jnp.concatenate([cached, own_bkq[..., None]], -1), -1)
         probs = probs.astype(v.dtype)
-        out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs[..., :-1], cache.v_bksh)
+        out_bkqh = einsum("bkqs,bksh->bkqh", probs[..., :-1], cache.v_bksh)
         out = (rearrange(out_bkqh, "b k (c g) h -> b c k g h", c=c)
                + rearrange(probs[..., -1], "b k (c g) -> b c k g", c=c)[..., None]
                * v[:, :, :, None])
@@ -129,9 +130,9 @@ NEG_INF = -1e30
 class LlamaMLP(nnx.Module):
     def __init__(self, cfg: TextConfig, dtype, param_dtype, *, rngs: nnx.Rngs):
         kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -170,7 +171,7 @@ class LlamaModel(nnx.Module):
         self.grounded_layers = tuple(sorted(grounded_layers))
         dt, pdt = dtype_of(dtype), dtype_of(param_dtype)
         self.compute_dtype = dt
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
                                       rngs=rngs)
         self.layers = stack_layers(lambda r: DecoderLayer(cfg, dt, pdt, rngs=r), cfg.num_layers,
                                    rngs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ from jaxground.models.cache import KVCache
 from jaxground.models.grounding import (DecodeGrounding, aggregate, grounding_inputs,
                                         make_grounding_heads)
 from jaxground.models.llama import LlamaModel, positions_from_mask
+from jaxground.models.ops import Linear, model_jit
 
 
 @struct.dataclass
@@ -36,8 +36,8 @@ class Projector(nnx.Module):
         kw = dict(use_bias=cfg.projector_bias, dtype=dtype_of(cfg.dtype),
                   param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
         d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
-        self.linear_1 = nnx.Linear(d_in, cfg.text.hidden_size, **kw)
-        self.linear_2 = nnx.Linear(cfg.text.hidden_size, cfg.text.hidden_size, **kw)
+        self.linear_1 = Linear(d_in, cfg.text.hidden_size, **kw)
+        self.linear_2 = Linear(cfg.text.hidden_size, cfg.text.hidden_size, **kw)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
@@ -88,9 +88,10 @@ class LlavaModel(nnx.Module):
                                          grounded_layers=config.grounded_layers,
                                          remat=config.remat)
         if not config.tie_word_embeddings:
-            self.lm_head = nnx.Linear(config.text.hidden_size, config.text.vocab_size,
+            self.lm_head = Linear(config.text.hidden_size, config.text.vocab_size,
                                       use_bias=False, dtype=dtype_of(config.dtype),
-                                      param_dtype=dtype_of(config.param_dtype), rngs=rngs)
+                                      param_dtype=dtype_of(config.param_dtype),
+                                      preferred_element_type=jnp.float32, rngs=rngs)
 
     # ---- pieces -----------------------------------------------------------------------------
     def vision_hidden_states(self, pixel_values_nchw) -> jax.Array:
@@ -105,6 +106,8 @@ class LlavaModel(nnx.Module):
         return self.projector(self.vision_hidden_states(pixel_values_nchw))
 
     def logits(self, hidden_btd) -> jax.Array:
+        """[B, T, V] in fp32 whatever the compute dtype: the matmul accumulates in fp32
+        anyway, and a bf16 copy would be one more [B, T, V] buffer."""
         if self.config.tie_word_embeddings:
             return self.language_model.embed_tokens.attend(hidden_btd)
         return self.lm_head(hidden_btd)
@@ -127,7 +130,7 @@ class LlavaModel(nnx.Module):
     def forward(self, input_ids, pixel_values=None, attention_mask=None,
                 position_ids=None, patches: bool = False,
                 rows_per_image: int = 1) -> LlavaOutput:
-        """Traceable forward; `__call__` routes eager calls here through `nnx.jit`.
+        """Traceable forward; `__call__` routes eager calls here through `model_jit`.
         `patches` adds `grounding_patches` (heatmaps). `rows_per_image` (static): image i
         serves rows [i*r, (i+1)*r) (training pairs share their image: CLIP encodes it
         once)."""
@@ -193,9 +196,10 @@ class LlavaModel(nnx.Module):
         return self.logits(hidden), scores_gbc, kv
 
 
-# graph_updates=False: the forward mutates nothing, and with updates on, nnx.jit returns (a
-# copy of) the whole model state from every call: 50-60 ms per call on a 279 MB model.
-@functools.partial(nnx.jit, graph_updates=False)
+# model_jit: like nnx.jit with graph_updates=False (the forward mutates nothing; with updates
+# on, nnx.jit returns a copy of the whole model state from every call: 50-60 ms per call on a
+# 279 MB model), compiled with the backend's options (ops.py).
+@model_jit
 def _forward_jit(model: LlavaModel, input_ids, pixel_values, attention_mask, position_ids):
     return model.forward(input_ids, pixel_values, attention_mask, position_ids)
 

@@ -22,6 +22,7 @@ from jaxground.data.coco import build_records
 from jaxground.data.pipeline import PipelineConfig, build_dataset
 from jaxground.models.config import PRESETS, LlavaConfig
 from jaxground.models.llava import init_model
+from jaxground.models.ops import compiler_options
 from jaxground.parallel import sharding
 from jaxground.training.config import ConfigValueError, TrainRun
 from jaxground.training.optim import make_optimizer, trainable_filter
@@ -185,4 +186,5 @@ def compile_steps(run: TrainRun, graphdef, tx, schedule, state, shardings, first
     def train_step(state, host_batch: dict):
         return compiled(state, sharding.global_batch(host_batch, mesh))
 
-    return Compiled(train_step, jax.jit(eval_fn(graphdef, run.loss)))
+    return Compiled(train_step, jax.jit(eval_fn(graphdef, run.loss),
+                                        compiler_options=compiler_options()))

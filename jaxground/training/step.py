@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxground.models.ops import compiler_options
 from jaxground.training.losses import LossConfig, total_loss
 from jaxground.training.optim import applied_learning_rate
 
@@ -96,7 +97,8 @@ def eval_fn(graphdef: nnx.GraphDef, loss_cfg: LossConfig):
 def compile_step(step, state_shardings, batch_shardings, abstract_state, abstract_batch):
     """AOT-compiled, donating step; logs XLA's memory analysis of the compiled program."""
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                     out_shardings=(state_shardings, None), donate_argnums=(0,))
+                     out_shardings=(state_shardings, None), donate_argnums=(0,),
+                     compiler_options=compiler_options())
     compiled = jitted.lower(abstract_state, abstract_batch).compile()
     mem = compiled.memory_analysis()
     if mem is not None:

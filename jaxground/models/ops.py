@@ -1,0 +1,148 @@
+"""Matmuls and compilation that keep 16-bit weights 16-bit on XLA:CPU.
+
+XLA:CPU computes in fp32 whatever its dot library (YNNPACK) does not take natively, and its
+float normalization pass does so by converting *operands*: a bf16 dot with a bf16 result, or
+the bf16 `dynamic-slice` that reads one layer of a stacked weight inside a layer scan, gets
+`convert(W -> f32)` in front of it. When W is loop-invariant (every weight, in a layer scan
+or in the decode loop), loop-invariant code motion then hoists that convert out of the loop,
+so the compiled program holds an fp32 copy of every weight: a 13 GiB bf16 7B model asked for
+27.8 GB of temporaries. Measured on the mid config's bf16 forward (B=2, T=320): 193 MiB of
+temporaries for 133 MiB of weights before, 13 MiB with the rules below, and 30% faster than
+the same forward in fp32 (tests/test_bf16.py holds the bound):
+
+- 16-bit dots ask for an fp32 result (`preferred_element_type`) and cast it back: YNNPACK
+  takes bf16 x bf16 -> f32 as it is (twice the fp32 rate with AVX512-BF16 or AMX);
+  bf16 -> bf16 it does not.
+- A dot of one row (M = 1, batch-1 decoding) is padded to two: XLA:CPU sends M = 1 to its
+  own matrix-vector emitter, which upcasts 16-bit weights and reads them at a fraction of the
+  memory bandwidth (a bf16 lm_head at batch 1: 13x slower than at M = 8).
+- Programs that run the model are compiled without loop-invariant code motion on CPU
+  (`model_jit`, `compiler_options`): the per-layer convert then stays inside the loop, fused
+  with the slice, so one layer's weights are in flight at a time. Tried instead: reading the
+  stack through a uint16 view (integers are never normalized) - XLA:CPU materializes the
+  bitcast, i.e. a copy of every stack; XLA_FLAGS for oneDNN / XNNPACK / the thunk runtime -
+  no change to either problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+F32 = jnp.float32
+
+
+def is_16bit_float(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                out_sharding=None):
+    """`jax.lax.dot_general` with the rules above; a drop-in `dot_general` for nnx.Linear."""
+    (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+    kw = dict(precision=precision, out_sharding=out_sharding)
+    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+    if is_16bit_float(lhs.dtype) and is_16bit_float(rhs.dtype):
+        kw["preferred_element_type"] = F32
+    elif preferred_element_type is not None:
+        kw["preferred_element_type"] = preferred_element_type
+    free_lhs = [d for d in range(lhs.ndim) if d not in lhs_contract and d not in lhs_batch]
+    if (not lhs_batch and free_lhs and math.prod(lhs.shape[d] for d in free_lhs) == 1
+            and tuple(lhs_contract) == (lhs.ndim - 1,)):
+        # One row: pad to two rows (the fast path), keep the first.
+        k = lhs.shape[-1]
+        rows_2k = jnp.pad(lhs.reshape(1, k), ((0, 1), (0, 0)))
+        out = jax.lax.dot_general(rows_2k, rhs, (((1,), rhs_contract), ((), ())), **kw)
+        return out[:1].reshape(lhs.shape[:-1] + out.shape[1:]).astype(out_dtype)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, **kw).astype(out_dtype)
+
+
+def einsum(spec: str, a, b, out_dtype=None):
+    """`jnp.einsum` of two operands with fp32 accumulation for 16-bit inputs; the result is
+    cast to `out_dtype` (default: the inputs' common dtype)."""
+    out_dtype = out_dtype or jnp.result_type(a, b)
+    pref = F32 if is_16bit_float(a.dtype) and is_16bit_float(b.dtype) else None
+    return jnp.einsum(spec, a, b, preferred_element_type=pref).astype(out_dtype)
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` (same parameters: kernel [in, out], bias) whose matmul follows the rules
+    above."""
+
+    def __init__(self, in_features: int, out_features: int, **kw):
+        super().__init__(in_features, out_features, dot_general=dot_general, **kw)
+
+
+class Embed(nnx.Embed):
+    """`nnx.Embed` whose `attend` (tied lm_head) follows the rules above, with fp32 logits."""
+
+    def attend(self, query_btd):
+        table_vd = self.embedding[...].astype(self.dtype or query_btd.dtype)
+        query_btd = query_btd.astype(table_vd.dtype)
+        return dot_general(query_btd, table_vd, (((query_btd.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=F32)
+
+
+# ---- compilation ----------------------------------------------------------------------------
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compiler_options(backend: str | None = None) -> dict | None:
+    """XLA options for programs that run the model on `backend` (default: JAX's default
+    backend): on CPU, no loop-invariant code motion (see the module docstring); elsewhere
+    XLA's defaults."""
+    return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
+
+
+def model_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):
+    """`nnx.jit(fn, graph_updates=False)` for `fn(model, *args)` that mutates nothing, built
+    on `jax.jit` so that it compiles with `compiler_options` of the backend in use (chosen at
+    the first call, when the backend is known: deciding at import would start it, too early
+    for `jax.distributed.initialize`)."""
+    if fn is None:
+        return functools.partial(model_jit, static_argnames=static_argnames)
+
+    signature = inspect.signature(fn)
+
+    def pure(graphdef, state, **arguments):
+        return fn(nnx.merge(graphdef, state), **arguments)
+
+    compiled_for: dict[str, Callable] = {}
+
+    def prepared(model, args, kwargs):
+        """(the jitted function, its arguments) for this call."""
+        # Every argument by name, so that `static_argnames` finds them wherever they were.
+        arguments = signature.bind(model, *args, **kwargs).arguments
+        graphdef, state = nnx.split(arguments.pop(next(iter(signature.parameters))))
+        # Inside another transformation (grad, an outer jit) only the top level compiles:
+        # options may not be given there.
+        nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((state, arguments)))
+        key = "nested" if nested else jax.default_backend()
+        if key not in compiled_for:
+            compiled_for[key] = jax.jit(
+                pure, static_argnums=(0,), static_argnames=static_argnames,
+                compiler_options=None if nested else compiler_options(key))
+        return compiled_for[key], (graphdef, state), arguments
+
+    @functools.wraps(fn)
+    def call(model, *args, **kwargs):
+        jitted, model_args, arguments = prepared(model, args, kwargs)
+        return jitted(*model_args, **arguments)
+
+    def lower(model, *args, **kwargs):
+        """`jax.jit(...).lower` of this call (the model and arguments may be abstract): for
+        ahead-of-time compilation and memory analysis."""
+        jitted, model_args, arguments = prepared(model, args, kwargs)
+        return jitted.lower(*model_args, **arguments)
+
+    call.lower = lower
+
+    return call
