@@ -86,13 +86,16 @@ from transformers import (CLIPVisionConfig, LlamaConfig,  # noqa: E402
 import jaxground  # noqa: E402
 from jaxground.checkpoints.hf_convert import hf_to_jaxground  # noqa: E402
 from jaxground.models import config as jg_config  # noqa: E402
-from machine import cpu_info  # noqa: E402  (bench/machine.py; this folder is on sys.path)
+from machine import cpu_info, describe, measure_limits  # noqa: E402  (bench/machine.py)
+from jaxground.models.llava import _forward_jit  # noqa: E402
 
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu_vs_hf.json")
 IMAGE_TOKEN = 32000
 RATIO_GOAL = 0.7
 GEN_SPEEDUP_GOAL = 3.0  # generate: jaxground new tokens/s >= 3x HF's
 PAD_TOKEN = 32001  # the mid config's pad_token_id
+PEAK_KEY = {"float32": "fp32_gflops", "bfloat16": "bf16_gflops"}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PAUSE_S = 0.05  # before each timed call: lets the other pool's spinning threads go idle
 
 
@@ -197,18 +200,21 @@ def build_models(workdir: str, args, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     hf_dir = os.path.join(workdir, "hf")
     LlavaForConditionalGeneration(hf_mid_config()).save_pretrained(hf_dir)
-    ctx = {}
+    ctx = {"hf_dir": hf_dir, "jg_dirs": {}}
     # The converted model as users get it (default grounding heads), and without heads:
     # the like-for-like comparison with HF's plain LLaVA.
     cfg = hf_to_jaxground(hf_dir, os.path.join(workdir, "jaxground"))
+    ctx["jg_dirs"]["jg"] = os.path.join(workdir, "jaxground")
     check_matches_preset(cfg)
-    ctx["config"], ctx["jg"] = cfg, jaxground.load(os.path.join(workdir, "jaxground"))
+    dtype = None if args.dtype == "float32" else args.dtype
+    ctx["config"], ctx["jg"] = cfg, jaxground.load(os.path.join(workdir, "jaxground"), dtype)
     if cfg.grounded_layers and not args.no_plain:
         no_heads = jg_config.GroundingConfig(layers=())
         hf_to_jaxground(hf_dir, os.path.join(workdir, "jaxground_plain"), grounding=no_heads)
-        ctx["jg_plain"] = jaxground.load(os.path.join(workdir, "jaxground_plain"))
+        ctx["jg_dirs"]["jg_plain"] = os.path.join(workdir, "jaxground_plain")
+        ctx["jg_plain"] = jaxground.load(os.path.join(workdir, "jaxground_plain"), dtype)
     load = lambda attn: LlavaForConditionalGeneration.from_pretrained(
-        hf_dir, attn_implementation=attn, dtype=torch.float32).eval()
+        hf_dir, attn_implementation=attn, dtype=TORCH_DTYPES[args.dtype]).eval()
     ctx["hf"] = load(args.attn)
     if args.also_eager and args.attn != "eager":
         ctx["hf_eager"] = load("eager")
@@ -277,7 +283,9 @@ def bench_forward(ctx: dict, args) -> dict:
     ids, mask, px = make_inputs(args.batch, args.text_tokens, cfg.image_seq_length,
                                 cfg.vision.image_size)
     ids_t, mask_t, px_t = map(torch.from_numpy, (ids, mask, px))
+    px_t = px_t.to(TORCH_DTYPES[args.dtype])
     ids_j, mask_j, px_j = map(jax.numpy.asarray, (ids, mask, px))  # already on the device
+    px_j = px_j.astype(args.dtype)
 
     def jax_run(model):
         # Blocks on every output (logits, grounding scores), not just the logits.
@@ -298,13 +306,16 @@ def bench_forward(ctx: dict, args) -> dict:
         fns["hf_eager"] = hf_run(ctx["hf_eager"])
 
     t0 = time.perf_counter()
-    jax_logits = np.asarray(fns["jaxground"]().logits)
+    jax_logits = np.asarray(fns["jaxground"]().logits, np.float32)
     first_call_s = time.perf_counter() - t0
-    hf_logits = fns["hf"]().logits.numpy()
+    hf_logits = fns["hf"]().logits.float().numpy()
     diffs = {"max_abs_logit_diff": float(np.max(np.abs(jax_logits - hf_logits)))}
     if "jaxground_no_heads" in fns:
-        diffs["max_abs_logit_diff_no_heads"] = float(
-            np.max(np.abs(np.asarray(fns["jaxground_no_heads"]().logits) - hf_logits)))
+        diffs["max_abs_logit_diff_no_heads"] = float(np.max(np.abs(
+            np.asarray(fns["jaxground_no_heads"]().logits, np.float32) - hf_logits)))
+    # The work, counted by XLA on the model without heads (what HF computes too).
+    flops = _forward_jit.lower(ctx.get("jg_plain", ctx["jg"]), ids_j, px_j, mask_j,
+                               None).compile().cost_analysis()["flops"]
     diffs["max_abs_logit"] = float(np.max(np.abs(hf_logits)))
 
     t = time_interleaved(fns, args.repeats, args.warmup)
@@ -318,6 +329,7 @@ def bench_forward(ctx: dict, args) -> dict:
         "ratio": round(t["jaxground"]["median_ms"] / t["hf"]["median_ms"], 3),
         "hf_attn_implementation": args.attn,
         "jaxground_first_call_s": round(first_call_s, 2),
+        "gflop": round(flops / 1e9, 2),
         **diffs,
         "timing": t.pop("_stats"),
         "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
@@ -329,14 +341,34 @@ def bench_forward(ctx: dict, args) -> dict:
             t["jaxground_no_heads"]["median_ms"] / t["hf"]["median_ms"], 3)
     if "hf_eager" in t:
         result["hf_eager_ms"] = t["hf_eager"]["median_ms"]
+    peak = ctx["limits"][PEAK_KEY[args.dtype]]
+    for k in ("jaxground_no_heads", "hf"):
+        if k in t:  # achieved rate, and as a share of the measured matmul rate
+            rate = flops / (t[k]["median_ms"] / 1e3) / 1e9
+            result[f"{k}_gflops_per_s"] = round(rate, 1)
+            result[f"{k}_of_matmul_peak"] = round(rate / peak, 3)
     return result
 
 
+def training_model(path: str, compute_dtype: str):
+    """The converted model at `path` with fp32 parameters computing in `compute_dtype`
+    (mixed precision, as training runs it)."""
+    from flax import nnx
+
+    from jaxground.models.llava import LlavaModel
+    loaded = jaxground.load(path)
+    model = LlavaModel(loaded.config.replace(dtype=compute_dtype, param_dtype="float32"),
+                       rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(loaded, nnx.Param))
+    return model
+
+
 def bench_train_step(ctx: dict, args) -> dict:
-    """One AdamW step (forward, backward, update of every parameter), fp32: our jitted,
-    donating train step (jaxground.training.step) vs torch.optim.AdamW on the HF model.
-    The like-for-like pair is the model without heads and the LM loss only; the default
-    model adds its heads and the BCE grounding loss."""
+    """One AdamW step (forward, backward, update of every parameter): our jitted, donating
+    train step (jaxground.training.step) vs torch.optim.AdamW on the HF model. fp32
+    parameters either way; with --dtype bfloat16 both compute in bf16 (ours: the model's
+    compute dtype; HF: torch.autocast). The like-for-like pair is the model without heads
+    and the LM loss only; the default model adds its heads and the BCE grounding loss."""
     import ml_collections
     import optax  # noqa: F401  (through make_optimizer)
 
@@ -372,28 +404,32 @@ def bench_train_step(ctx: dict, args) -> dict:
             return jax.block_until_ready(metrics)
         return run
 
-    hf = ctx["hf"]
+    hf = LlavaForConditionalGeneration.from_pretrained(
+        ctx["hf_dir"], attn_implementation=args.attn, dtype=torch.float32)
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     ids_t, mask_t, px_t, labels_t = map(torch.from_numpy, (ids, mask, px, labels))
 
     def hf_step():
         torch.set_grad_enabled(True)  # main() turns autograd off for the other sections
         opt.zero_grad(set_to_none=True)
-        loss = hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=px_t, labels=labels_t,
-                  use_cache=False).loss
+        with autocast:
+            loss = hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=px_t,
+                      labels=labels_t, use_cache=False).loss
         loss.backward()
         opt.step()
         return loss
 
-    fns = {"jaxground": jax_step(ctx["jg"], 1.0), "hf": hf_step}
-    if "jg_plain" in ctx:
-        fns["jaxground_no_heads"] = jax_step(ctx["jg_plain"], 0.0)
+    models = {k: training_model(path, args.dtype) for k, path in ctx["jg_dirs"].items()}
+    fns = {"jaxground": jax_step(models["jg"], 1.0), "hf": hf_step}
+    if "jg_plain" in models:
+        fns["jaxground_no_heads"] = jax_step(models["jg_plain"], 0.0)
     t = time_interleaved(fns, args.repeats, args.warmup)
     torch.set_grad_enabled(False)
-    hf.eval()
     out = {
-        "workload": f"AdamW step, fp32, B={args.batch} T={ids.shape[1]}",
+        "workload": (f"AdamW step, fp32 parameters, {args.dtype} compute, B={args.batch} "
+                     f"T={ids.shape[1]}"),
         "jaxground_ms": t["jaxground"]["median_ms"], "hf_ms": t["hf"]["median_ms"],
         "ratio": round(t["jaxground"]["median_ms"] / t["hf"]["median_ms"], 3),
         "hf_attn_implementation": args.attn,
@@ -440,7 +476,8 @@ def _bench_generate_batch(ctx: dict, args, batch: int) -> dict:
     ids, mask, px = make_gen_inputs(batch, cfg.image_seq_length, cfg.vision.image_size,
                                     seed=batch)
     ids_t, mask_t, px_t = map(torch.from_numpy, (ids, mask, px))
-    px_j = jax.numpy.asarray(px)  # already on the device, like a user's batch
+    px_t = px_t.to(TORCH_DTYPES[args.dtype])
+    px_j = jax.numpy.asarray(px).astype(args.dtype)  # already on the device, like a user's
 
     def jg_run(model, new, **kw):
         # Blocks on every output (tokens, grounding scores, ...).
@@ -518,6 +555,11 @@ def _bench_generate_batch(ctx: dict, args, batch: int) -> dict:
         "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
         "runs_others_cpu_frac": {k: v["busy"] for k, v in t.items()},
     }
+    floor_ms = decode_floor_ms(ctx, batch, ids.shape[1] + n / 2)
+    out["decode_floor_ms"] = round(floor_ms, 3)
+    for k, row in impls.items():
+        if "decode_ms_per_step" in row:
+            row["decode_vs_floor"] = round(row["decode_ms_per_step"] / floor_ms, 3)
     if "jaxground_no_heads" in impls:
         out["jaxground_no_heads_tokens_per_s"] = impls["jaxground_no_heads"]["tokens_per_s"]
         out["speedup_no_heads"] = round(ms["hf"] / ms["jaxground_no_heads"], 3)
@@ -534,6 +576,23 @@ def _bench_generate_batch(ctx: dict, args, batch: int) -> dict:
         out["guided_tokens_equal_greedy_frac"] = round(
             float(np.mean(tokens["jaxground_guided"] == tokens["jaxground"])), 4)
     return out
+
+
+def decode_floor_ms(ctx: dict, batch: int, positions: float) -> float:
+    """The least a decode step can take: the bytes it must read (every decoder weight but
+    the embedding table, of which it reads B rows; the lm_head; the heads; the KV cache of
+    `positions` positions per row) at the measured streaming-read bandwidth."""
+    from flax import nnx
+    model = ctx.get("jg_plain", ctx["jg"])
+    lm = nnx.state(model.language_model, nnx.Param)
+    weights = sum(x.nbytes for x in jax.tree.leaves(lm))
+    weights -= model.language_model.embed_tokens.embedding[...].nbytes
+    if not model.config.tie_word_embeddings:
+        weights += model.lm_head.kernel[...].nbytes
+    t = model.config.text
+    itemsize = np.dtype(model.config.dtype).itemsize
+    kv = 2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * positions * itemsize
+    return (weights + kv) / (ctx["limits"]["read_gbps"] * 1e9) * 1e3
 
 
 def bench_generate(ctx: dict, args) -> dict:
@@ -555,6 +614,11 @@ SECTIONS = {"forward": bench_forward, "train_step": bench_train_step,
             "generate": bench_generate}
 
 
+def section_key(name: str, dtype: str) -> str:
+    """The JSON key of a section's results: fp32 results keep the plain name."""
+    return name if dtype == "float32" else f"{name}_{dtype}"
+
+
 # ---- report -----------------------------------------------------------------------------------
 def args_repeats(r: dict) -> int:
     return len(next(iter(r["runs_ms"].values())))
@@ -562,7 +626,9 @@ def args_repeats(r: dict) -> int:
 
 def print_report(results: dict) -> None:
     m, c = results["machine"], results["config"]
-    print(f"\nmachine:  {m['cpu']} ({' '.join(m['cpu_simd'])}), {m['cpus_online']} CPUs "
+    dtype = c["dtype"]
+    print(f"\n{describe(m['limits'])}")
+    print(f"machine:  {m['cpu']} ({' '.join(m['cpu_simd'])}), {m['cpus_online']} CPUs "
           f"online; both frameworks pinned to CPUs {m['pinned_cpus']} ({m['threads']} threads:"
           f" torch.get_num_threads()={m['torch_threads']}, XLA pool sized by the affinity mask)")
     print(f"XLA_FLAGS: {m['xla_flags']}")
@@ -573,9 +639,10 @@ def print_report(results: dict) -> None:
           f"{c['text_hidden']}, vocab {c['vocab_size']}, {c['dtype']}, random weights\n")
     rows = []
     for name in SECTIONS:
-        if name not in results or "jaxground_ms" not in results[name]:
+        key = section_key(name, dtype)
+        if key not in results or "jaxground_ms" not in results[key]:
             continue
-        r = results[name]
+        r = results[key]
         hf_label = f"HF {r['hf_attn_implementation']}"
         rows.append((name, "jaxground (as converted)", r["jaxground_ms"], r["ratio"]))
         if "jaxground_no_heads_ms" in r:
@@ -591,9 +658,10 @@ def print_report(results: dict) -> None:
             print(f"{sec:<9} {impl:<30} {ms:>10.1f} {ratio:>7.3f}")
         print()
     for name in SECTIONS:
-        if name not in results or "jaxground_ms" not in results[name]:
+        key = section_key(name, dtype)
+        if key not in results or "jaxground_ms" not in results[key]:
             continue
-        r = results[name]
+        r = results[key]
         verdict = "meets" if r["ratio"] <= RATIO_GOAL else "misses"
         print(f"{name}: {r.get('workload', '')}; jaxground/HF({r['hf_attn_implementation']})"
               f" = {r['ratio']:.3f}, {verdict} the goal <= {RATIO_GOAL}")
@@ -602,12 +670,18 @@ def print_report(results: dict) -> None:
                      if "max_abs_logit_diff_no_heads" in r else "")
             print(f"  max |logits jaxground - HF| = {r['max_abs_logit_diff']:.2e}{extra} "
                   f"(max |logit| {r['max_abs_logit']:.2f})")
+        if "gflop" in r:
+            rates = ", ".join(f"{k} {r[f'{k}_gflops_per_s']:.0f} GFLOP/s = "
+                              f"{r[f'{k}_of_matmul_peak']:.0%}" for k in ("jaxground_no_heads", "hf")
+                              if f"{k}_gflops_per_s" in r)
+            print(f"  {r['gflop']:.1f} GFLOP per forward (XLA's count); {rates} of the measured "
+                  f"{dtype} matmul rate")
         if "jaxground_first_call_s" in r:
             print(f"  first jaxground call (tracing + XLA compile): "
                   f"{r['jaxground_first_call_s']:.1f} s")
         print_timing(r)
-    if "generate" in results:
-        print_generate(results["generate"])
+    if section_key("generate", dtype) in results:
+        print_generate(results[section_key("generate", dtype)])
     print()
 
 
@@ -657,6 +731,10 @@ def print_generate(g: dict) -> None:
         no_heads = (f" (no heads {ms['hf'] / ms['jaxground_no_heads']:.2f}x)"
                     if "jaxground_no_heads" in ms else "")
         print(f"generate: {r['workload']}")
+        floors = ", ".join(f"{k} {v['decode_vs_floor']:.2f}x" for k, v in r["impls"].items()
+                           if "decode_vs_floor" in v)
+        print(f"  decode step vs the memory floor ({r['decode_floor_ms']:.2f} ms: the bytes a "
+              f"step must read / measured read bandwidth): {floors}")
         print(f"  new tokens/s jaxground {r['jaxground_tokens_per_s']:.1f} vs HF "
               f"{r['hf_tokens_per_s']:.1f}: {speedup:.2f}x{no_heads}, {verdict} the goal "
               f">= {g['goal_speedup']:g}x")
@@ -707,6 +785,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-gen-split", action="store_true",
                    help="generate: skip the prefill + 1 token runs that isolate the "
                         "decode step")
+    p.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES),
+                   help="compute dtype of both frameworks (bfloat16: jaxground.load(dtype=) vs "
+                        "the HF model in bf16; the train step keeps fp32 parameters)")
     p.add_argument("--out", default=OUT_JSON)
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -720,16 +801,18 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="jaxground_bench_") as workdir:
         ctx = build_models(workdir, args)
         cfg = ctx["config"]
+        if args.wait_quiet > 0:
+            results["machine"]["others_cpu_frac_before"] = round(wait_quiet(args.wait_quiet), 3)
+        # The limits every result is also given against, measured in this run.
+        ctx["limits"] = results["machine"]["limits"] = measure_limits()
         results["config"] = {
             "name": "mid", "vision_layers": cfg.vision.num_layers,
             "vision_hidden": cfg.vision.hidden_size, "image_size": cfg.vision.image_size,
             "patch_size": cfg.vision.patch_size, "text_layers": cfg.text.num_layers,
             "text_hidden": cfg.text.hidden_size, "vocab_size": cfg.text.vocab_size,
-            "dtype": cfg.dtype}
-        if args.wait_quiet > 0:
-            results["machine"]["others_cpu_frac_before"] = round(wait_quiet(args.wait_quiet), 3)
+            "dtype": args.dtype}
         for name in sections:
-            results[name] = SECTIONS[name](ctx, args)
+            results[section_key(name, args.dtype)] = SECTIONS[name](ctx, args)
 
     print_report(results)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -1,6 +1,11 @@
-"""What machine a bench ran on: every result names its CPU (ratios differ by family)."""
+"""What machine a bench ran on, and what it can do: every result names its CPU (ratios differ
+by family) and is also given as a fraction of the limits measured in the same run."""
 
 from __future__ import annotations
+
+import time
+
+FEATURES = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "avx2", "fma")
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -15,9 +20,60 @@ def cpu_info() -> tuple[str, list[str]]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return model, [x for x in ("avx512f", "avx512_bf16", "amx_tile", "avx2", "fma")
-                   if x in flags]
+    return model, [x for x in FEATURES if x in flags]
 
 
 def cpu_model() -> str:
     return cpu_info()[0]
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation, first touch of the pages)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_limits(repeats: int = 5, gib: float = 1.0, n: int = 2048) -> dict:
+    """The machine's limits as this process sees them (its threads, its affinity):
+    - `read_gbps`: a streaming read (XLA sum over `gib` GiB of fp32, all threads): what a
+      memory-bound decode step can at best draw, so the floor of a step is bytes / this;
+    - `copy_gbps`: a streaming copy (numpy, one thread; bytes read + written);
+    - `fp32_gflops` / `bf16_gflops`: an [n, n] @ [n, n] matmul through XLA (bf16 inputs,
+      fp32 accumulation: the path jaxground's models take).
+    Best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    count = int(gib * 2**30) // 4
+    big = jnp.ones((count,), jnp.float32)
+    total = jax.jit(lambda a: jnp.sum(a))
+    read_s = _best_seconds(lambda: total(big).block_until_ready(), repeats)
+    del big
+    src, dst = np.ones(count, np.float32), np.empty(count, np.float32)
+    copy_s = _best_seconds(lambda: np.copyto(dst, src), repeats)
+    out = {"read_gbps": round(count * 4 / read_s / 1e9, 1),
+           "copy_gbps": round(2 * count * 4 / copy_s / 1e9, 1)}
+    del src, dst
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    for dtype in ("float32", "bfloat16"):
+        a = jnp.ones((n, n), dtype)
+        s = _best_seconds(lambda: matmul(a, a).block_until_ready(), repeats)
+        out[f"{dtype.replace('float', 'fp').replace('bfp', 'bf')}_gflops"] = round(
+            2 * n**3 / s / 1e9, 1)
+    return out
+
+
+def describe(limits: dict | None = None) -> str:
+    """One line: CPU, its features, and the measured limits."""
+    model, features = cpu_info()
+    line = f"CPU: {model} [{' '.join(features) or 'no avx512/avx2 flags'}]"
+    if limits:
+        line += (f"; measured: read {limits['read_gbps']} GB/s, copy {limits['copy_gbps']} GB/s"
+                 f", matmul fp32 {limits['fp32_gflops']} / bf16 {limits['bf16_gflops']} "
+                 "GFLOP/s")
+    return line

@@ -399,3 +399,24 @@ def test_pope_question_files_with_overlapping_ids(tmp_path):
     samples = [{**r, "text": "Yes"} for r in data.records.values()]
     m = tasks.score_pope(samples)
     assert m["random"]["tp"] == 1 and m["random"]["fp"] == 1 and not m["random"]["missing"]
+
+
+def test_bf16_captions_agree_with_fp32(workdir, tmp_path):
+    """The trained model evaluated in bf16 (`eval.dtype`) writes the fp32 captions: greedy
+    tokens agree on >= 97% of positions (a position either run generated; a caption that
+    stops early disagrees on every position the other one goes on for)."""
+    heldout = os.path.join(workdir, "data", "heldout")
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        outs[dtype] = str(tmp_path / dtype)
+        evaluate(workdir, "chair", "--out", outs[dtype], f"--config.eval.dtype={dtype}")
+    fp32, bf16 = (read_results(outs[d])[2] for d in ("float32", "bfloat16"))
+    assert read_results(outs["bfloat16"])[0]["dtype"] == "bfloat16"
+    assert [s["image_id"] for s in fp32] == [s["image_id"] for s in bf16] and len(fp32) == 12
+    same = total = 0
+    for a, b in zip(fp32, bf16):
+        a, b = a["token_ids"], b["token_ids"]
+        total += max(len(a), len(b))
+        same += sum(x == y for x, y in zip(a, b))
+    print(f"bf16 vs fp32 greedy captions: {same} of {total} positions agree")
+    assert total > 12 and same >= 0.97 * total, (same, total)

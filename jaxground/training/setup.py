@@ -187,4 +187,4 @@ def compile_steps(run: TrainRun, graphdef, tx, schedule, state, shardings, first
         return compiled(state, sharding.global_batch(host_batch, mesh))
 
     return Compiled(train_step, jax.jit(eval_fn(graphdef, run.loss),
-                                        compiler_options=compiler_options()))
+                                        compiler_options=compiler_options(state)))

@@ -98,7 +98,7 @@ def compile_step(step, state_shardings, batch_shardings, abstract_state, abstrac
     """AOT-compiled, donating step; logs XLA's memory analysis of the compiled program."""
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, None), donate_argnums=(0,),
-                     compiler_options=compiler_options())
+                     compiler_options=compiler_options(abstract_state))
     compiled = jitted.lower(abstract_state, abstract_batch).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
