@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxground.models.config import VisionConfig, dtype_of
 from jaxground.models.layers import scan_layers, stack_layers
-from jaxground.models.ops import Linear
+from jaxground.models.ops import Linear, attention
 
 
 def quick_gelu(x):
@@ -35,7 +35,7 @@ class ClipAttention(nnx.Module):
     def __call__(self, x_bsd):
         split = lambda t: rearrange(t, "b s (n h) -> b s n h", n=self.num_heads)
         q, k, v = split(self.q_proj(x_bsd)), split(self.k_proj(x_bsd)), split(self.v_proj(x_bsd))
-        out_bsnh = jax.nn.dot_product_attention(q, k, v)  # bidirectional, scale 1/sqrt(h)
+        out_bsnh = attention(q, k, v)  # bidirectional, scale 1/sqrt(h)
         return self.out_proj(rearrange(out_bsnh, "b s n h -> b s (n h)"))
 
 

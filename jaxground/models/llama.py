@@ -19,7 +19,7 @@ from jaxground.models.cache import KVCache, LayerCache
 from jaxground.models.grounding import (DecodeGrounding, GroundingInputs, apply_head,
                                         apply_head_decode, make_grounding_heads)
 from jaxground.models.layers import scan_layers, stack_layers
-from jaxground.models.ops import Embed, Linear, einsum
+from jaxground.models.ops import Embed, Linear, attention, einsum
 
 
 class RMSNorm(nnx.Module):
@@ -94,7 +94,7 @@ class LlamaAttention(nnx.Module):
             out_btnh = jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                     implementation="cudnn")
         else:
-            out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_b1ts)
+            out_btnh = attention(q, k, v, mask_b1ts)
         return self.o_proj(rearrange(out_btnh, "b t n h -> b t (n h)")), (k, v)
 
     def decode(self, x_bcd, cos_bch, sin_bch, cache: LayerCache):

@@ -13,9 +13,10 @@ the same forward in fp32 (tests/test_bf16.py holds the bound):
 - 16-bit dots ask for an fp32 result (`preferred_element_type`) and cast it back: YNNPACK
   takes bf16 x bf16 -> f32 as it is (twice the fp32 rate with AVX512-BF16 or AMX);
   bf16 -> bf16 it does not.
-- A dot of one row (M = 1, batch-1 decoding) is padded to two: XLA:CPU sends M = 1 to its
-  own matrix-vector emitter, which upcasts 16-bit weights and reads them at a fraction of the
-  memory bandwidth (a bf16 lm_head at batch 1: 13x slower than at M = 8).
+- A 16-bit dot of one row (M = 1, batch-1 decoding) is padded to two: XLA:CPU sends M = 1
+  to its own matrix-vector emitter, which upcasts 16-bit weights (the mid config's bf16
+  lm_head at batch 1: 24 ms, padded 2.1 ms). In fp32 that emitter streams the weights at
+  the memory bandwidth (2.2 ms; padded 4.0 ms), so fp32 keeps it.
 - Programs that run the model are compiled without loop-invariant code motion on CPU
   (`model_jit`, `compiler_options`): the per-layer convert then stays inside the loop, fused
   with the slice, so one layer's weights are in flight at a time. Tried instead: reading the
@@ -50,14 +51,16 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
     kw = dict(precision=precision, out_sharding=out_sharding)
     out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-    if is_16bit_float(lhs.dtype) and is_16bit_float(rhs.dtype):
+    sixteen = is_16bit_float(lhs.dtype) and is_16bit_float(rhs.dtype)
+    if sixteen:
         kw["preferred_element_type"] = F32
     elif preferred_element_type is not None:
         kw["preferred_element_type"] = preferred_element_type
     free_lhs = [d for d in range(lhs.ndim) if d not in lhs_contract and d not in lhs_batch]
-    if (not lhs_batch and free_lhs and math.prod(lhs.shape[d] for d in free_lhs) == 1
+    if (sixteen and not lhs_batch and free_lhs
+            and math.prod(lhs.shape[d] for d in free_lhs) == 1
             and tuple(lhs_contract) == (lhs.ndim - 1,)):
-        # One row: pad to two rows (the fast path), keep the first.
+        # One 16-bit row: pad to two rows (YNNPACK's path), keep the first.
         k = lhs.shape[-1]
         rows_2k = jnp.pad(lhs.reshape(1, k), ((0, 1), (0, 0)))
         out = jax.lax.dot_general(rows_2k, rhs, (((1,), rhs_contract), ((), ())), **kw)
@@ -152,3 +155,21 @@ def model_jit(fn=None, *, static_argnames: tuple[str, ...] = ()):
     call.lower = lower
 
     return call
+
+
+def attention(q_btnh, k_bskh, v_bskh, mask_b1ts=None):
+    """Softmax attention, scale 1/sqrt(H): queries [B, T, N, H] over keys and values
+    [B, S, K, H], each of the K kv heads shared by N / K query heads (grouped-query);
+    `mask_b1ts` True where a query may attend. Scores and softmax in fp32; both matmuls go
+    through `einsum`, so 16-bit inputs stay 16-bit (XLA's `dot_product_attention` gives the
+    probabilities-times-values dot a bf16 result, which XLA:CPU then runs in fp32: converted
+    copies of the probabilities and values)."""
+    b, t, n, h = q_btnh.shape
+    k_heads = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k_heads, n // k_heads, h)
+    scores = einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, F32) * (h ** -0.5)
+    if mask_b1ts is not None:
+        scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
