@@ -35,7 +35,7 @@ from jaxground.models import config as model_config
 from jaxground.models.llava import LlavaModel, _forward_jit, abstract_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import describe, measure_limits  # noqa: E402  (bench/machine.py)
+from machine import cpu_info, describe, measure_limits  # noqa: E402  (bench/machine.py)
 
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "forward_7b.json")
 GIB = 2**30
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     params = nnx.state(model, nnx.Param)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     cfg = model.config
-    out = {"machine": {"cpu": describe(), "limits": limits},
+    out = {"machine": {"cpu": cpu_info()[0], "cpu_features": cpu_info()[1], "limits": limits},
            "model": args.checkpoint or f"{args.preset} (random bf16 weights)",
            "param_gib": round(param_bytes / GIB, 3),
            "load_s": round(time.perf_counter() - t0, 1), "rss_after_load_gib": peak_rss_gib()}

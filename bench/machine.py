@@ -37,6 +37,20 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def _read_seconds(count: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    big = jnp.ones((count,), jnp.float32)
+    total = jax.jit(lambda a: jnp.sum(a))
+    return _best_seconds(lambda: total(big).block_until_ready(), repeats)
+
+
+def _copy_seconds(count: int, repeats: int) -> float:
+    import numpy as np
+    src, dst = np.ones(count, np.float32), np.empty(count, np.float32)
+    return _best_seconds(lambda: np.copyto(dst, src), repeats)
+
+
 def measure_limits(repeats: int = 5, gib: float = 1.0, n: int = 2048) -> dict:
     """The machine's limits as this process sees them (its threads, its affinity):
     - `read_gbps`: a streaming read (XLA sum over `gib` GiB of fp32, all threads): what a
@@ -47,18 +61,10 @@ def measure_limits(repeats: int = 5, gib: float = 1.0, n: int = 2048) -> dict:
     Best of `repeats`."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     count = int(gib * 2**30) // 4
-    big = jnp.ones((count,), jnp.float32)
-    total = jax.jit(lambda a: jnp.sum(a))
-    read_s = _best_seconds(lambda: total(big).block_until_ready(), repeats)
-    del big
-    src, dst = np.ones(count, np.float32), np.empty(count, np.float32)
-    copy_s = _best_seconds(lambda: np.copyto(dst, src), repeats)
-    out = {"read_gbps": round(count * 4 / read_s / 1e9, 1),
-           "copy_gbps": round(2 * count * 4 / copy_s / 1e9, 1)}
-    del src, dst
+    out = {"read_gbps": round(count * 4 / _read_seconds(count, repeats) / 1e9, 1),
+           "copy_gbps": round(2 * count * 4 / _copy_seconds(count, repeats) / 1e9, 1)}
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     for dtype in ("float32", "bfloat16"):
         a = jnp.ones((n, n), dtype)
