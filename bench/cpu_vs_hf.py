@@ -86,7 +86,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig,  # noqa: E402
 import jaxground  # noqa: E402
 from jaxground.checkpoints.hf_convert import hf_to_jaxground  # noqa: E402
 from jaxground.models import config as jg_config  # noqa: E402
-from machine import cpu_info, describe, measure_limits  # noqa: E402  (bench/machine.py)
+from machine import (cpu_info, decode_step_bytes, describe, measure_limits,  # noqa: E402
+                     save_json)  # bench/machine.py
 
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "cpu_vs_hf.json")
 IMAGE_TOKEN = 32000
@@ -595,20 +596,10 @@ def _bench_generate_batch(ctx: dict, args, batch: int) -> dict:
 
 
 def decode_floor_ms(ctx: dict, batch: int, positions: float) -> float:
-    """The least a decode step can take: the bytes it must read (every decoder weight but
-    the embedding table, of which it reads B rows; the lm_head; the heads; the KV cache of
-    `positions` positions per row) at the measured streaming-read bandwidth."""
-    from flax import nnx
+    """The least a decode step can take: the bytes it must read (`decode_step_bytes`) at the
+    measured streaming-read bandwidth."""
     model = ctx.get("jg_plain", ctx["jg"])
-    lm = nnx.state(model.language_model, nnx.Param)
-    weights = sum(x.nbytes for x in jax.tree.leaves(lm))
-    weights -= model.language_model.embed_tokens.embedding[...].nbytes
-    if not model.config.tie_word_embeddings:
-        weights += model.lm_head.kernel[...].nbytes
-    t = model.config.text
-    itemsize = np.dtype(model.config.dtype).itemsize
-    kv = 2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * positions * itemsize
-    return (weights + kv) / (ctx["limits"]["read_gbps"] * 1e9) * 1e3
+    return decode_step_bytes(model, batch, positions) / (ctx["limits"]["read_gbps"] * 1e9) * 1e3
 
 
 def bench_generate(ctx: dict, args) -> dict:
@@ -831,7 +822,6 @@ def main(argv: list[str] | None = None) -> dict:
             results[section_key(name, args.dtype)] = SECTIONS[name](ctx, args)
 
     print_report(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     merged = {}
     if os.path.exists(args.out):  # keep sections that earlier runs measured
         try:
@@ -841,9 +831,7 @@ def main(argv: list[str] | None = None) -> dict:
             merged = {}
     merged.update(results)
     merged["command"] = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    with open(args.out, "w") as f:
-        json.dump(merged, f, indent=2)
-    print(f"wrote {args.out}")
+    save_json(args.out, merged)
     return results
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import resource
 import sys
@@ -35,7 +34,8 @@ from jaxground.models import config as model_config
 from jaxground.models.llava import LlavaModel, _forward_jit, abstract_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_info, describe, measure_limits  # noqa: E402  (bench/machine.py)
+from machine import (cpu_info, decode_step_bytes, describe, measure_limits,  # noqa: E402
+                     save_json)  # bench/machine.py
 
 OUT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "forward_7b.json")
 GIB = 2**30
@@ -153,12 +153,8 @@ def main(argv=None) -> dict:
         _, one = timed(gen(1), args.repeats)
         _, full = timed(gen(n), args.repeats)
         step = (np.median(full) - np.median(one)) / (n - 1) if n > 1 else float("nan")
-        t = cfg.text
-        kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * (ids.shape[1] + n / 2) * 2
-        decoder = param_bytes - sum(x.nbytes for x in jax.tree.leaves(
-            nnx.state(model.vision_tower, nnx.Param))) - model.language_model.embed_tokens \
-            .embedding[...].nbytes
-        floor_s = (decoder + kv) / (limits["read_gbps"] * 1e9)
+        floor_s = (decode_step_bytes(model, 1, ids.shape[1] + n / 2)
+                   / (limits["read_gbps"] * 1e9))
         out["generate"] = {"new_tokens": n, "s": round(float(np.median(full)), 2),
                            "decode_step_s": round(float(step), 3),
                            "decode_floor_s": round(floor_s, 3),
@@ -169,10 +165,7 @@ def main(argv=None) -> dict:
               f"temporaries {out['generate_memory']['temporaries_gib']:.2f} GiB; peak RSS "
               f"{out['rss_after_generate_gib']:.2f} GiB")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    save_json(args.out, out)
     return out
 
 

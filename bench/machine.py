@@ -83,3 +83,32 @@ def describe(limits: dict | None = None) -> str:
                  f", matmul fp32 {limits['fp32_gflops']} / bf16 {limits['bf16_gflops']} "
                  "GFLOP/s")
     return line
+
+
+def decode_step_bytes(model, batch: int, positions: float) -> float:
+    """What one decode step of `model` must read: every decoder weight but the embedding
+    table (of which it reads B rows), the heads, the lm_head, and the KV cache of `positions`
+    positions per row. Over `read_gbps` it is the floor of a step."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    lm = model.language_model
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(lm, nnx.Param)))
+    weights -= lm.embed_tokens.embedding[...].nbytes
+    if not model.config.tie_word_embeddings:
+        weights += model.lm_head.kernel[...].nbytes
+    t = model.config.text
+    itemsize = np.dtype(model.config.dtype).itemsize
+    return weights + 2 * t.num_layers * batch * t.num_kv_heads * t.head_dim * positions * itemsize
+
+
+def save_json(path: str, results: dict) -> None:
+    """Writes a bench's results (the folder made as needed) and says where."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")

@@ -69,8 +69,8 @@ def test_bf16_decode_step_temporaries_are_under_a_tenth_of_the_weights(batch):
     """One llava-1.5-7b decode step (the cache is an argument here)."""
     cfg, model, param_bytes = _bf16("llava-1.5-7b")
     t, d, sds = cfg.text, cfg.text.hidden_size, jax.ShapeDtypeStruct
-    cache = KVCache(*(sds((t.num_layers, batch, t.num_kv_heads, CACHE, t.head_dim), jnp.uint16)
-                      for _ in "kv"), sds((batch, CACHE), bool), jnp.bfloat16)
+    cache = KVCache(*(sds((t.num_layers, batch, t.num_kv_heads, CACHE, t.head_dim),
+                          jnp.bfloat16) for _ in "kv"), sds((batch, CACHE), bool))
     ground = DecodeGrounding(sds((len(cfg.grounded_layers), batch, cfg.image_seq_length, d),
                                  jnp.bfloat16),
                              sds((batch, cfg.image_seq_length), bool), sds((batch,), bool))
