@@ -213,6 +213,10 @@ def build_models(workdir: str, args, seed: int = 0) -> dict:
         hf_to_jaxground(hf_dir, os.path.join(workdir, "jaxground_plain"), grounding=no_heads)
         ctx["jg_dirs"]["jg_plain"] = os.path.join(workdir, "jaxground_plain")
         ctx["jg_plain"] = jaxground.load(os.path.join(workdir, "jaxground_plain"), dtype)
+    if "generate" in args.sections:  # the decoding layout, beside the stacked one
+        for key in [k for k in ("jg", "jg_plain") if k in ctx]:
+            ctx[f"{key}_unrolled"] = jaxground.load(ctx["jg_dirs"][key], dtype,
+                                                    layout="unrolled")
     load = lambda attn: LlavaForConditionalGeneration.from_pretrained(
         hf_dir, attn_implementation=attn, dtype=TORCH_DTYPES[args.dtype]).eval()
     ctx["hf"] = load(args.attn)
@@ -519,6 +523,10 @@ def _bench_generate_batch(ctx: dict, args, batch: int) -> dict:
         makers["jaxground_no_heads"] = lambda new: jg_run(ctx["jg_plain"], new)
     if cfg.grounded_layers:  # guidance needs grounding heads
         makers["jaxground_guided"] = lambda new: jg_run(ctx["jg"], new, **guided)
+    for key in ("jg_unrolled", "jg_plain_unrolled"):
+        if key in ctx:
+            name = "jaxground_no_heads_unrolled" if "plain" in key else "jaxground_unrolled"
+            makers[name] = lambda new, key=key: jg_run(ctx[key], new)
     makers["hf"] = lambda new: hf_run(ctx["hf"], new)
     if "hf_eager" in ctx:
         makers["hf_eager"] = lambda new: hf_run(ctx["hf_eager"], new)
@@ -708,7 +716,10 @@ def print_timing(r: dict) -> None:
 
 GEN_LABELS = {"jaxground": "jaxground greedy (as converted)",
               "jaxground_no_heads": "jaxground greedy, no heads",
-              "jaxground_guided": "jaxground guided", "hf": "HF generate", "hf_eager": "HF eager"}
+              "jaxground_guided": "jaxground guided",
+              "jaxground_unrolled": "jaxground greedy, unrolled",
+              "jaxground_no_heads_unrolled": "jaxground no heads, unrolled",
+              "hf": "HF generate", "hf_eager": "HF eager"}
 
 
 def print_generate(g: dict) -> None:

@@ -51,8 +51,12 @@ def restore_params_tree(path: str, *, config: LlavaConfig | None = None, step: i
     return config, params
 
 
+LAYOUTS = ("stacked", "unrolled")
+
+
 def restore_model(path: str, *, config: LlavaConfig | None = None, step: int | None = None,
-                  dtype: str | Any = None, mesh=None, seed: int = 0) -> LlavaModel:
+                  dtype: str | Any = None, mesh=None, seed: int = 0,
+                  layout: str = "stacked") -> LlavaModel:
     """The NNX model stored at `path`: a converted checkpoint dir, or a training workdir
     (its latest checkpoint, or `step`).
 
@@ -62,17 +66,27 @@ def restore_model(path: str, *, config: LlavaConfig | None = None, step: int | N
             (default: as saved; a workdir's frozen weights may be bf16 beside fp32 ones)
     mesh    a `jax.sharding.Mesh`: every parameter is restored onto its sharding there
             (default: the first local device)
+    layout  "stacked" (decoder layers as [L, ...] arrays, run by a scan: training, scoring)
+            or "unrolled" (one module per layer: faster decoding, same results; see
+            `LlamaModel.unroll`)
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint dir {path} does not exist")
     config, params = restore_params_tree(path, config=config, step=step, dtype=dtype,
                                          mesh=mesh, seed=seed)
     graphdef, state = nnx.split(abstract_model(config))
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    del params
+    model = nnx.merge(graphdef, state)
+    del state
+    if layout == "unrolled":
+        model.language_model.unroll()
+    return model
 
 
-def load(path: str, dtype: str | Any = None, step: int | None = None, mesh=None
-         ) -> LlavaModel:
+def load(path: str, dtype: str | Any = None, step: int | None = None, mesh=None,
+         layout: str = "stacked") -> LlavaModel:
     """`jaxground.load`: `restore_model` with the public argument order."""
-    return restore_model(path, dtype=dtype, step=step, mesh=mesh)
+    return restore_model(path, dtype=dtype, step=step, mesh=mesh, layout=layout)

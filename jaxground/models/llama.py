@@ -2,7 +2,10 @@
 
 Layers are stacked ([L, ...] parameters) and run with `lax.scan` in segments; the segment
 boundaries are a property of the forward pass, not of the parameter tree, so a checkpoint's
-layout does not depend on which layers carry a grounding head. The decoder only calls the
+layout does not depend on which layers carry a grounding head. For decoding, `unroll()`
+switches a model to one module per layer (and per head), run as an unrolled loop: a scanned
+layer first copies its slice of every stacked weight, which a decode step (one token per
+row) pays in full on every step. The decoder only calls the
 grounding heads (their glue lives in `grounding.py`) and reads and returns keys and values
 (the cache is `cache.py`).
 """
@@ -18,7 +21,7 @@ from jaxground.models.config import GroundingConfig, TextConfig, dtype_of
 from jaxground.models.cache import KVCache, LayerCache
 from jaxground.models.grounding import (DecodeGrounding, GroundingInputs, apply_head,
                                         apply_head_decode, make_grounding_heads)
-from jaxground.models.layers import scan_layers, stack_layers
+from jaxground.models.layers import scan_layers, stack_layers, unstack_layers
 from jaxground.models.ops import Embed, Linear, attention, einsum
 
 
@@ -191,14 +194,33 @@ class LlamaModel(nnx.Module):
                 start = l
         return out
 
+    @property
+    def unrolled(self) -> bool:
+        return isinstance(self.layers, nnx.List)
+
+    def unroll(self) -> None:
+        """Switches, in place, to the inference layout: one module per layer and per head,
+        each with its own parameter buffers (the peak is one extra stacked leaf, see
+        `unstack_layers`). Same results; decode steps read weights without copying them
+        (mid config: see bench/README). Meant for inference: checkpoints and training use
+        the stacked layout."""
+        for name in ("layers", "grounding_heads"):
+            if hasattr(self, name) and not isinstance(getattr(self, name), nnx.List):
+                split = [nnx.split(getattr(self, name))]
+                delattr(self, name)  # the split holds the only reference now
+                setattr(self, name, unstack_layers(split))
+
     def _run(self, x, body, use_heads: bool):
-        """Runs every layer, one `lax.scan` per segment.
+        """Runs every layer, one `lax.scan` per segment (or one traced copy per layer when
+        unrolled).
 
         `body(layer, head, g, carry, l) -> (carry, (layer_out, head_out))` sees layer `l` and,
         in grounded layers, its head (index `g` among the heads) or None. Returns the final
         carry, the layer outputs stacked over all layers [L, ...], and the head outputs
         stacked over grounded layers [G, ...] (None without heads).
         """
+        if self.unrolled:
+            return self._run_unrolled(x, body, use_heads)
         heads = nnx.split(self.grounding_heads) if self.grounded_layers and use_heads else None
         layer_outs, head_outs = [], []
         for start, stop, head in self.segments():
@@ -219,6 +241,19 @@ class LlamaModel(nnx.Module):
             if head is not None and heads is not None:
                 head_outs.append(head_out)
         return x, _concat(layer_outs), _concat(head_outs)
+
+    def _run_unrolled(self, x, body, use_heads: bool):
+        """`_run` over per-layer modules: `l` and `g` are Python ints."""
+        use_heads = use_heads and bool(self.grounded_layers)
+        layer_outs, head_outs = [], []
+        for l, layer in enumerate(self.layers):
+            g = self.grounded_layers.index(l) if use_heads and l in self.grounded_layers else None
+            x, (layer_out, head_out) = body(layer, None if g is None else self.grounding_heads[g],
+                                            g, x, l)
+            layer_outs.append(layer_out)
+            if g is not None:
+                head_outs.append(head_out)
+        return x, _stack(layer_outs), _stack(head_outs)
 
     def __call__(self, inputs_embeds_btd, attention_mask_bt, positions_bt,
                  ground: GroundingInputs | None = None, return_kv: bool = False,
@@ -263,6 +298,11 @@ class LlamaModel(nnx.Module):
 
         x_bcd, kv, scores_gbc = self._run(x_bcd, body, use_heads=ground is not None)
         return self.norm(x_bcd), scores_gbc, kv
+
+
+def _stack(parts: list):
+    """Stacks per-layer outputs on a new leading (layer) axis."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *parts) if parts else None
 
 
 def _concat(parts: list):

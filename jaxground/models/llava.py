@@ -181,7 +181,8 @@ class LlavaModel(nnx.Module):
         positions = positions_from_mask(attention_mask)
         embeds_btd, _, ground = self.embed(input_ids, pixel_values, attention_mask)
         dec = self.language_model(embeds_btd, attention_mask, positions, ground, return_kv=True)
-        cache = KVCache.from_prefill(dec.kv, attention_mask, cache_length)
+        cache = KVCache.from_prefill(dec.kv, attention_mask, cache_length,
+                                     per_layer=self.language_model.unrolled)
         decode_ground = (DecodeGrounding.from_prefill(ground, dec.image_gbkd)
                          if ground is not None else None)
         return self.logits(dec.hidden[:, -1]), cache, decode_ground
