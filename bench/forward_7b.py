@@ -114,19 +114,24 @@ def main(argv=None) -> dict:
     p.add_argument("--text-tokens", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=8, help="greedy tokens (0: skip decoding)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layout", default="stacked", choices=("stacked", "unrolled"),
+                   help="the decoder layout (jaxground.load's layout=)")
     p.add_argument("--out", default=OUT_JSON)
     args = p.parse_args(argv)
 
     limits = measure_limits(repeats=3)
     print(describe(limits))
     t0 = time.perf_counter()
-    model = (jaxground.load(args.checkpoint, dtype="bfloat16") if args.checkpoint
-             else random_model(args.preset, seed=0))
+    model = (jaxground.load(args.checkpoint, dtype="bfloat16", layout=args.layout)
+             if args.checkpoint else random_model(args.preset, seed=0))
+    if args.layout == "unrolled":
+        model.language_model.unroll()  # in place: one extra stacked leaf at the peak
     params = nnx.state(model, nnx.Param)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     cfg = model.config
     out = {"machine": {"cpu": cpu_info()[0], "cpu_features": cpu_info()[1], "limits": limits},
            "model": args.checkpoint or f"{args.preset} (random bf16 weights)",
+           "layout": args.layout,
            "param_gib": round(param_bytes / GIB, 3),
            "load_s": round(time.perf_counter() - t0, 1), "rss_after_load_gib": peak_rss_gib()}
     print(f"{out['model']}: {out['param_gib']} GiB of parameters, ready in {out['load_s']} s, "
