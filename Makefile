@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test venv bench mutation clean
+.PHONY: demo demo-hard test venv bench mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 # finished trainings; `make clean` starts over).
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m jaxground.demo --out runs/demo
+
+# The same question on the hard world (random colours, up to 4 objects) with LLaVA's recipe:
+# vision tower pretrained, projector aligned, then the fine-tunes -> runs/demo_hard/report.md,
+# beside the default world's results when `make demo` ran first.
+demo-hard: $(DEMO_STAMP)
+	$(BIN)/python -m jaxground.demo --world hard --out runs/demo_hard \
+		$$(test -f runs/demo/results.json && echo --compare runs/demo)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cpu_vs_hf.py

@@ -65,6 +65,44 @@ def shapes_config() -> ml_collections.ConfigDict:
     return c
 
 
+RECIPE_STAGES = ("vision", "align", "finetune")
+
+
+def recipe_config(stage: str) -> ml_collections.ConfigDict:
+    """LLaVA-1.5's recipe at toy scale on the shapes world: three runs chained by
+    `model.init_from` (configs/recipe_*.py; `python -m jaxground.demo --world hard` runs
+    them). Every stage reads `data.dir` (stages after the first must be given one).
+
+    vision    CLIP-style contrastive pretraining of the vision tower, the projector giving
+              the image side's embedding and the token embeddings the text side's
+              (jaxground/training/contrastive.py); the LLM's layers do not run
+    align     stage 1: the projector alone on captions (LM loss), tower and LLM frozen
+    finetune  stage 2: projector + LLM + heads on captions and questions with the
+              grounding loss (`loss.grounding_weight=0` for the ungrounded twin), tower
+              frozen, as LLaVA-1.5 fine-tunes with its CLIP frozen
+    """
+    if stage not in RECIPE_STAGES:
+        raise ValueError(f"recipe stage {stage!r} is not one of {RECIPE_STAGES}")
+    c = shapes_config()
+    c.train.eval_every = 0
+    if stage == "vision":
+        c.loss.objective = "contrastive"
+        c.train.trainable = "vision_tower,projector,language_model/embed_tokens"
+        c.data.kinds = "caption"
+        c.data.groups_per_batch = 32     # images per contrastive batch (no LLM: cheap)
+        c.train.steps = 600
+    elif stage == "align":
+        c.train.trainable = "projector"
+        c.data.kinds = "caption"
+        c.loss.grounding_weight = 0.0
+        c.train.steps = 300
+    else:
+        c.train.trainable = "projector,language_model"
+        c.train.steps = 1200
+    c.train.checkpoint_every = c.train.steps
+    return c
+
+
 def llava_1_5_config(preset: str) -> ml_collections.ConfigDict:
     """Grounding fine-tuning of a converted LLaVA-1.5 (7B or 13B): bf16 compute, fp32
     master copies of the trainable projector + heads, frozen CLIP and LLM kept in bf16."""

@@ -1,6 +1,12 @@
 """The demo: does training with the grounding loss reduce object hallucination?
 
   python -m jaxground.demo [--out runs/demo] [--steps 1200] [--quick]
+  python -m jaxground.demo --world hard --out runs/demo_hard [--compare runs/demo]
+
+`--world hard` gives shapes random colours (colour names no object) and up to 4 objects, and
+trains with LLaVA-1.5's recipe instead of from scratch (`jaxground.config.recipe_config`):
+the vision tower pretrained contrastively, the projector aligned alone (stage 1), then the
+grounded and ungrounded fine-tunes (stage 2) from that one initialisation.
 
 1. Builds the shapes world: a training split whose captions carry annotators'
    co-occurrence bias (an image with a circle but no square is still sometimes captioned
@@ -24,36 +30,50 @@ import os
 import time
 
 DEMO_SEED = 0
+# world -> (seed of the training world (held-out: + 1000), chance of a random colour,
+# most objects per image). "hard": no colour tells a shape, up to 4 objects.
+WORLDS = {"default": (DEMO_SEED, 0.0, 3), "hard": (11, 1.0, 4)}
 
 
-def _world_config(bias: float):
+def _world_config(bias: float, world: str = "default"):
     from jaxground.data.shapes import WorldConfig
 
+    _, colour_noise, max_objects = WORLDS[world]
     # Partners appear together 70% of the time, so "a but not b" is common enough to count.
     co_occur = (("circle", "square", 0.7), ("triangle", "star", 0.7), ("ring", "bar", 0.7))
-    return WorldConfig(co_occur=co_occur, caption_bias=bias, max_objects=3)
+    return WorldConfig(co_occur=co_occur, caption_bias=bias, max_objects=max_objects,
+                       colour_noise=colour_noise)
 
 
-def build_worlds(out: str, train_images: int, heldout_images: int, bias: float) -> tuple:
+def build_worlds(out: str, train_images: int, heldout_images: int, bias: float,
+                 world: str = "default") -> tuple:
     from jaxground.data.shapes import ensure_world
 
+    seed = WORLDS[world][0]
     train_dir, heldout_dir = (os.path.join(out, "data", s) for s in ("train", "heldout"))
-    ensure_world(train_dir, train_images, DEMO_SEED, _world_config(bias))
-    ensure_world(heldout_dir, heldout_images, DEMO_SEED + 1000, _world_config(0.0))
+    ensure_world(train_dir, train_images, seed, _world_config(bias, world))
+    ensure_world(heldout_dir, heldout_images, seed + 1000, _world_config(0.0, world))
     return train_dir, heldout_dir
 
 
-def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float):
-    from jaxground.config import shapes_config
+def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float,
+                stage: str | None = None, init_from: str = ""):
+    """The run of one model: from scratch (`stage` None, the default world) or a stage of
+    the recipe (`jaxground.config.recipe_config`) starting from `init_from`."""
+    from jaxground.config import recipe_config, shapes_config
 
-    cfg = shapes_config()
+    cfg = shapes_config() if stage is None else recipe_config(stage)
     cfg.data.dir, cfg.data.eval_dir = train_dir, heldout_dir
+    cfg.model.init_from = init_from
     cfg.loss.grounding_weight = grounding_weight
-    # Initialisation, pair sampling and data order (the worlds stay those of DEMO_SEED).
+    # Initialisation, pair sampling and data order (the worlds stay those of WORLDS).
     cfg.train.seed = cfg.data.seed = args.seed
-    cfg.train.steps = args.steps
-    cfg.train.checkpoint_every = args.steps
-    cfg.train.eval_every = max(args.steps // 4, 1)
+    cfg.train.steps = {"vision": args.vision_steps, "align": args.align_steps}.get(stage,
+                                                                                 args.steps)
+    cfg.train.checkpoint_every = cfg.train.steps
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps)  # --quick stages
+    # Held-out LM loss and AUROC along the way (the curves), for the compared models only.
+    cfg.train.eval_every = max(args.steps // 4, 1) if stage in (None, "finetune") else 0
     cfg.eval.batch_size = 32
     cfg.eval.guidance = args.guidance
     cfg.eval.guidance_score = "log_sigmoid"  # only penalise: never reward naming objects
@@ -76,6 +96,41 @@ def train_model(cfg, workdir: str) -> float:
     with open(stamp, "w") as f:
         json.dump({"train_seconds": seconds}, f)
     return seconds
+
+
+def pretrain_stages(args, train_dir: str, heldout_dir: str) -> tuple[dict, str, str | None]:
+    """The hard world's shared stages before the fine-tunes (vision tower, then projector
+    alignment). Returns ({stage: steps, seconds, last train metrics}, the checkpoint the
+    fine-tunes start from, their recipe stage); the default world has none."""
+    if args.world != "hard":
+        return {}, "", None
+    from jaxground.utils.jsonl import read_jsonl
+
+    stages, init_from = {}, ""
+    for stage, what in (("vision", "contrastive pretraining of the vision tower"),
+                        ("align", "stage 1: the projector alone on captions")):
+        cfg = demo_config(args, train_dir, heldout_dir, 0.0, stage, init_from)
+        print(f"[demo] {what} ({cfg.train.steps} steps)", flush=True)
+        workdir = os.path.join(args.out, stage)
+        seconds = train_model(cfg, workdir)
+        last = read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+        keep = ("loss", "retrieval_accuracy", "beats_hallucinated_twin", "lm_loss")
+        stages[stage] = {"steps": cfg.train.steps, "seconds": seconds,
+                         **{k: last[k] for k in keep if k in last}}
+        init_from = workdir
+    return stages, init_from, "finetune"
+
+
+def compared_results(folder: str) -> dict | None:
+    """Another demo's results and settings (`--compare`), or None."""
+    if not folder:
+        return None
+    path = os.path.join(folder, "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--compare {folder}: no results.json there (run that demo "
+                                "first)")
+    with open(path) as f:
+        return {"folder": folder, "results": json.load(f)}
 
 
 def evaluate_model(cfg, workdir: str, heldout: str, guided: bool, contrast: str = "") -> dict:
@@ -121,11 +176,20 @@ def main(argv=None) -> None:
     p.add_argument("--eval-limit", type=int, default=0, help="first N held-out items only")
     p.add_argument("--seed", type=int, default=0, help="initialisation, pair sampling and "
                    "data order of both models (the same for both; the worlds do not change)")
+    p.add_argument("--world", default="default", choices=sorted(WORLDS),
+                   help="hard: random colours, up to 4 objects, trained with LLaVA's recipe")
+    p.add_argument("--vision-steps", type=int, default=600,
+                   help="hard world: contrastive pretraining steps of the vision tower")
+    p.add_argument("--align-steps", type=int, default=300,
+                   help="hard world: stage 1 steps (the projector alone)")
+    p.add_argument("--compare", default="", help="another demo's folder whose results the "
+                   "report shows beside these (e.g. the default world's runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny run (tests): 30 steps, "
-                   "160 training / 24 held-out images")
+                   "160 training / 24 held-out images (hard world: 20 + 10 stage steps)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.train_images, args.heldout_images = 30, 160, 24
+        args.vision_steps, args.align_steps = 20, 10
     logging.basicConfig(level=logging.WARNING)
     from absl import logging as absl_logging
 
@@ -136,12 +200,14 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     print(f"[demo] building the shapes world in {args.out}/data", flush=True)
     train_dir, heldout_dir = build_worlds(args.out, args.train_images, args.heldout_images,
-                                          args.caption_bias)
+                                          args.caption_bias, args.world)
     results, configs = {}, {}
+    stages, init_from, stage = pretrain_stages(args, train_dir, heldout_dir)
     for name, weight in (("grounded", 1.0), ("ungrounded", 0.0)):
         print(f"[demo] training the {name} model (grounding loss weight {weight}, "
               f"{args.steps} steps)", flush=True)
-        cfg = configs[name] = demo_config(args, train_dir, heldout_dir, weight)
+        cfg = configs[name] = demo_config(args, train_dir, heldout_dir, weight, stage,
+                                          init_from)
         seconds = train_model(cfg, os.path.join(args.out, name))
         results[name] = {"train_seconds": seconds}
     runs = (("grounded", "grounded", False, ""), ("guided", "grounded", True, ""),
@@ -155,7 +221,9 @@ def main(argv=None) -> None:
         kept = {k: v for k, v in results[model].items()
                 if (k == "train_seconds" and name == model) or (guided and k.startswith("pope_"))}
         results[name] = {**kept, **metrics}
-    settings = {"steps": args.steps, "seed": args.seed, "train_images": args.train_images,
+    settings = {"world": args.world, "stages": stages,
+                "compare": compared_results(args.compare),
+                "steps": args.steps, "seed": args.seed, "train_images": args.train_images,
                 "heldout_images": args.heldout_images, "caption_bias": args.caption_bias,
                 "guidance": args.guidance,
                 "guidance_top_k": configs["grounded"].eval.guidance_top_k,

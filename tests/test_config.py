@@ -14,7 +14,8 @@ from transformers import LlavaForConditionalGeneration
 
 from jaxground.models.config import GroundingConfig, LlavaConfig, llava_1_5_13b, llava_1_5_7b
 from jaxground.models.llava import abstract_model, param_dict
-from jaxground.config import RunConfig, default_config, llava_1_5_config, shapes_config
+from jaxground.config import (RunConfig, default_config, llava_1_5_config, recipe_config,
+                              shapes_config)
 from jaxground.eval.settings import EvalConfigError, EvalSettings
 from jaxground.training.config import (ConfigValueError, DataSettings, ModelSettings, TrainRun,
                                        TrainSettings)
@@ -76,7 +77,8 @@ DEFAULTS = {
     "grounding": {"aggregate": "mean", "dim": 256, "image_features": "projected",
                   "init_bias": 0.0, "init_scale": 1 / 0.07, "layers": "", "num_heads": 8,
                   "type": "similarity"},
-    "loss": {"grounding_loss": "bce", "grounding_weight": 1.0, "margin": 1.0},
+    "loss": {"grounding_loss": "bce", "grounding_weight": 1.0, "margin": 1.0, "objective": "lm", "pooling": "mean",
+             "temperature": 0.07},
     "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
     "model": {"dtype": "float32", "frozen_dtype": "", "init_from": "",
               "param_dtype": "float32", "preset": "shapes", "remat": "none"},
@@ -144,12 +146,29 @@ def test_grounding_layers_are_parsed_into_the_grounding_config(text, layers):
     ("model", "preset", "llava-2", "config.model.preset: 'llava-2' is not one of"),
     ("model", "param_dtype", "fp8", "config.model.param_dtype: 'fp8' is not float32"),
     ("eval", "top_p", 0.0, r"config.eval.top_p: 0.0 must lie in \(0, 1\]"),
+    ("loss", "objective", "clip", "config.loss.objective: 'clip' is not 'lm' or"),
+    ("loss", "pooling", "max", "config.loss.pooling: 'max' is not 'mean' or"),
+    ("loss", "temperature", 0.0, "config.loss.temperature: 0.0 must be > 0"),
 ])
 def test_a_config_mistake_names_its_field(section, field, value, message):
     cfg = default_config()
     cfg[section][field] = value
     with pytest.raises((ConfigValueError, EvalConfigError), match=f"^{message}"):
         RunConfig.from_config_dict(cfg)
+
+
+def test_the_recipe_stages_are_typed_runs_and_contrastive_has_no_heldout_eval():
+    vision, align, finetune = (TrainRun.from_config_dict(recipe_config(s))
+                               for s in ("vision", "align", "finetune"))
+    assert vision.loss.objective == "contrastive" and "vision_tower" in vision.train.trainable
+    assert align.train.trainable == "projector" and align.loss.grounding_weight == 0
+    assert "vision_tower" not in finetune.train.trainable
+    cfg = recipe_config("vision")
+    cfg.train.eval_every = 10
+    with pytest.raises(ConfigValueError, match="^config.train.eval_every: held-out"):
+        TrainRun.from_config_dict(cfg)
+    with pytest.raises(ValueError, match="recipe stage 'stage3'"):
+        recipe_config("stage3")
 
 
 def test_a_saved_config_dict_reads_back_old_fields_default_unknown_ones_named():

@@ -168,6 +168,25 @@ def test_targets_missing_data_and_misses(tmp_path):
     assert page.statuses == ["missed", "met", "n/a", "met"]
 
 
+def test_hard_world_report_describes_the_recipe_and_shows_the_compared_demo(tmp_path):
+    results = _results(tmp_path, vcd=False)
+    other = {m: {**v, "chair_i": 0.777} for m, v in results.items()}
+    stages = {"vision": {"steps": 600, "seconds": 86.6, "retrieval_accuracy": 0.72,
+                         "beats_hallucinated_twin": 0.88},
+              "align": {"steps": 300, "seconds": 51.8, "lm_loss": 2.14}}
+    settings = dict(SETTINGS, world="hard", stages=stages,
+                    compare={"folder": "runs/demo", "results": other})
+    paths = report.demo_report(str(tmp_path), results, settings)
+    md = open(paths["md"], encoding="utf-8").read()
+    assert md.startswith("# jaxground demo: grounded vs ungrounded on the hard shapes world")
+    assert "pretrained CLIP-style (600 steps, 87 s (1 min 27 s)" in md
+    assert "## Beside it: the demo in runs/demo" in md and "0.777" in md
+    assert "grounded token AUROC ≥ 0.9:" in md  # the hard world's own target
+    page = _Visible()
+    page.feed(open(paths["html"], encoding="utf-8").read())
+    assert "0.777" in " ".join(page.text)
+
+
 def test_shapes_captions_use_an_before_vowels(tmp_path):
     """'an orange ring', never 'a orange': in reference captions and in the absent partners a
     biased caption names; the labelled spans still cover the right words."""

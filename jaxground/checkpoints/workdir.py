@@ -143,9 +143,14 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
     restored = restore_arrays(os.path.join(directory, str(step), "state"), targets,
                               {part: meta[part] for part in targets}, partial=True)
     base = {}
-    if "frozen" not in restored:
+    stored = set(leaves_by_path(restored["trainable"])) | set(
+        leaves_by_path(restored.get("frozen", {})))
+    if stored != set(model_leaves):  # frozen weights not saved: the base run holds them
         init_from = init_from_of(workdir)
-        base = restore_params_for(init_from, config, mesh) if init_from else {}
+        if is_workdir(init_from):  # a staged recipe: the previous stage's run
+            base = restore_trained_params(init_from, config, None, mesh, cast)
+        elif init_from:
+            base = restore_params_for(init_from, config, mesh)
     return merge(merge(base, restored.get("frozen", {})), restored["trainable"])
 
 
@@ -163,6 +168,21 @@ def init_from_of(workdir: str) -> str:
     (how train.py saves it); older runs saved it relative to where they were started."""
     saved = read_train_config(workdir) or {}
     return resolve_init_from(workdir, saved.get("model", {}).get("init_from", ""))
+
+
+def tokenizer_source(path: str) -> str:
+    """The folder holding `path`'s tokenizer: `path` itself, else the nearest run up its
+    `model.init_from` chain (a fine-tune keeps its base's tokenizer; a staged recipe chains
+    several runs). `path` when none has one (the caller's error names it)."""
+    from jaxground.data.processor import TOKENIZER_FILES
+
+    seen, here = set(), path
+    while here and here not in seen:
+        if any(os.path.exists(os.path.join(here, n)) for n in TOKENIZER_FILES):
+            return here
+        seen.add(here)
+        here = init_from_of(here) if is_workdir(here) else ""
+    return path
 
 
 def resolve_init_from(workdir: str, init_from: str) -> str:

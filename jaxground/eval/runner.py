@@ -29,8 +29,8 @@ import numpy as np
 
 from jaxground.checkpoints import restore_model
 from jaxground.checkpoints.converted import read_config
-from jaxground.checkpoints.workdir import (init_from_of, is_workdir, latest_step,
-                                          read_train_config)
+from jaxground.checkpoints.workdir import (is_workdir, latest_step,
+                                          read_train_config, tokenizer_source)
 from jaxground.data.objects import token_ids, vocabulary_for
 from jaxground.data.processor import (TOKENIZER_FILES, Processor, clip_image_processor,
                                       load_tokenizer)
@@ -76,10 +76,9 @@ def load_eval_processor(checkpoint: str, settings: EvalSettings, config) -> Proc
     """The processor of the evaluation protocol: its prompt template and image handling,
     not necessarily the training data's."""
     protocol = settings.resolved_protocol
-    source = checkpoint
-    if not any(os.path.exists(os.path.join(checkpoint, n)) for n in TOKENIZER_FILES):
-        # Fine-tunes keep the base's tokenizer.
-        source = init_from_of(checkpoint) or settings.init_from or checkpoint
+    source = tokenizer_source(checkpoint)  # fine-tunes keep their base's tokenizer
+    if not any(os.path.exists(os.path.join(source, n)) for n in TOKENIZER_FILES):
+        source = settings.init_from or checkpoint
     return Processor(load_tokenizer(source),
                      clip_image_processor(config.vision.image_size, source),
                      config.image_seq_length, config.image_token_id, protocol.template,

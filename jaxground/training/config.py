@@ -131,6 +131,11 @@ class TrainSettings:
 
 
 def _check_loss(loss: LossConfig) -> None:
+    _check(loss.objective in ("lm", "contrastive"), "loss.objective",
+           f"{loss.objective!r} is not 'lm' or 'contrastive'")
+    _check(loss.temperature > 0, "loss.temperature", f"{loss.temperature} must be > 0")
+    _check(loss.pooling in ("mean", "token_max"), "loss.pooling",
+           f"{loss.pooling!r} is not 'mean' or 'token_max'")
     _check(loss.grounding_weight >= 0, "loss.grounding_weight", "must be >= 0")
     _check(loss.grounding_loss in ("bce", "margin"), "loss.grounding_loss",
            f"{loss.grounding_loss!r} is not 'bce' or 'margin'")
@@ -185,6 +190,9 @@ class TrainRun:
 
     def __post_init__(self):
         _check_loss(self.loss)
+        _check(self.loss.objective == "lm" or not self.train.eval_every, "train.eval_every",
+               "held-out evaluation measures the LM loss and grounding AUROC, which "
+               "loss.objective='contrastive' does not train: set it to 0")
         _check_grounding(self.grounding)
         unknown = sorted(set(self.mesh) - set(MESH_AXES))
         _check(not unknown, "mesh", f"axes {unknown} are not among {list(MESH_AXES)}")

@@ -76,7 +76,8 @@ class ProgressBar:
     def __call__(self, info) -> None:
         m = info.metrics
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{m['loss']:.3f}", auroc=f"{m['grounding_auroc']:.2f}",
+        auroc = m.get("grounding_auroc", float("nan"))  # contrastive pretraining has none
+        self.bar.set_postfix(loss=f"{m['loss']:.3f}", auroc=f"{auroc:.2f}",
                              tok_s=f"{m['tokens_per_s']:.0f}")
 
     def close(self) -> None:

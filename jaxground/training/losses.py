@@ -25,9 +25,14 @@ IGNORE = -100
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
+    objective: str = "lm"        # "lm": LM + grounding loss; "contrastive": CLIP-style
+                                 # pretraining of the vision tower (training/contrastive.py)
     grounding_weight: float = 1.0
     grounding_loss: str = "bce"  # "bce" | "margin"
     margin: float = 1.0
+    temperature: float = 0.07    # contrastive: cosines / temperature (CLIP's initial value)
+    pooling: str = "mean"        # contrastive: "mean" (CLIP: mean patch vs mean token) or
+                                 # "token_max" (FILIP: each token's best patch, averaged)
 
 
 def lm_loss(logits_btv, labels_bt, lm_rows_b):

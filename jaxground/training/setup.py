@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxground.checkpoints import restore_model
 from jaxground.checkpoints.converted import read_config
+from jaxground.checkpoints.workdir import tokenizer_source
 from jaxground.data import shapes
 from jaxground.data.coco import build_records
 from jaxground.data.pipeline import PipelineConfig, build_dataset
@@ -94,7 +95,8 @@ def prepare_data(run: TrainRun, workdir: str) -> TrainData:
         eval_dir = d.eval_dir or shapes_world(os.path.join(workdir, "data", "heldout"),
                                               d.eval_world_images, d.seed + 1000)
         eval_records = records(d.eval_records, eval_dir, d.seed + 1)
-    return TrainData(train_dir, train_records, eval_dir, eval_records, m.init_from or train_dir)
+    return TrainData(train_dir, train_records, eval_dir, eval_records,
+                     tokenizer_source(m.init_from) if m.init_from else train_dir)
 
 
 def pipelines(run: TrainRun, data: TrainData, processor) -> tuple[Iterator,

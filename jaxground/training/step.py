@@ -18,6 +18,7 @@ import optax
 from flax import nnx, struct
 
 from jaxground.models.ops import compiler_options
+from jaxground.training.contrastive import contrastive_loss
 from jaxground.training.losses import LossConfig, total_loss
 from jaxground.training.optim import applied_learning_rate
 
@@ -61,6 +62,8 @@ def make_step_fn(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def loss_fn(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
+        if loss_cfg.objective == "contrastive":  # the vision tower's pretraining
+            return contrastive_loss(model, batch, loss_cfg.temperature, loss_cfg.pooling)
         out = forward_batch(model, batch)
         return total_loss(out, batch, loss_cfg)
 
