@@ -68,8 +68,9 @@ def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float,
     cfg.loss.grounding_weight = grounding_weight
     # Initialisation, pair sampling and data order (the worlds stay those of WORLDS).
     cfg.train.seed = cfg.data.seed = args.seed
-    cfg.train.steps = {"vision": args.vision_steps, "align": args.align_steps}.get(stage,
-                                                                                 args.steps)
+    # The stages' own lengths are recipe_config's unless given (--vision-steps, --align-steps).
+    given = {"vision": args.vision_steps, "align": args.align_steps}.get(stage, args.steps)
+    cfg.train.steps = given or cfg.train.steps
     cfg.train.checkpoint_every = cfg.train.steps
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps)  # --quick stages
     # Held-out LM loss and AUROC along the way (the curves), for the compared models only.
@@ -178,10 +179,10 @@ def main(argv=None) -> None:
                    "data order of both models (the same for both; the worlds do not change)")
     p.add_argument("--world", default="default", choices=sorted(WORLDS),
                    help="hard: random colours, up to 4 objects, trained with LLaVA's recipe")
-    p.add_argument("--vision-steps", type=int, default=600,
-                   help="hard world: contrastive pretraining steps of the vision tower")
-    p.add_argument("--align-steps", type=int, default=300,
-                   help="hard world: stage 1 steps (the projector alone)")
+    p.add_argument("--vision-steps", type=int, default=0, help="hard world: contrastive "
+                   "pretraining steps of the vision tower (0: the recipe's, 600)")
+    p.add_argument("--align-steps", type=int, default=0,
+                   help="hard world: stage 1 steps, the projector alone (0: the recipe's, 300)")
     p.add_argument("--compare", default="", help="another demo's folder whose results the "
                    "report shows beside these (e.g. the default world's runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny run (tests): 30 steps, "
