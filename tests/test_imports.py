@@ -51,8 +51,11 @@ def imports_of(name: str, path: str, modules: dict[str, str]) -> set[str]:
 
 
 def layer(module: str) -> int:
-    """Position in CHAIN; the package root and top-level modules (CLIs) sit above it."""
+    """Position in CHAIN; the package root, top-level modules and a folder's `__main__`
+    (CLIs: `python -m jaxground.serve`) sit above it."""
     parts = module.split(".")
+    if parts[-1] == "__main__":
+        return len(CHAIN)
     if len(parts) >= 3 or (len(parts) == 2 and parts[1] in CHAIN):
         return CHAIN.index(parts[1])
     return len(CHAIN)
@@ -77,7 +80,8 @@ def test_no_module_imports_from_a_folder_to_its_right(graph):
     assert not wrong, "\n".join(wrong)
 
 
-CLIS = ("jaxground.train", "jaxground.evaluate", "jaxground.demo")
+CLIS = ("jaxground.train", "jaxground.evaluate", "jaxground.demo", "jaxground.chat",
+        "jaxground.serve.__main__")
 
 
 def test_nothing_imports_a_cli(graph):

@@ -36,6 +36,7 @@ class Template:
     before_image: str
     after_question: str
     answer_sep: str = " "
+    user_cue: str = "USER: "  # starts each later user turn of a multi-turn conversation
 
 
 TEMPLATES = {
@@ -136,6 +137,36 @@ class Processor:
         t = self.template
         return f"{t.before_image}{IMAGE_TOKEN}\n{question}{t.after_question}"
 
+    def chat_text(self, turns: list[tuple[str, str]], system: str | None = None,
+                  image: bool = True) -> str:
+        """A multi-turn conversation in the template's format, ending with the assistant's
+        cue: turns are (user, assistant) pairs, the last one's assistant text "" (to be
+        generated). The image goes before the first question, as LLaVA puts it; earlier
+        answers close with the tokenizer's EOS, as conv_vicuna_v1's sep2 and the llava-hf
+        chat template do:
+        "{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:".
+        `system` replaces the template's system prompt (vicuna_v1), or comes first (hf)."""
+        t = self.template
+        head = t.before_image
+        if system is not None:
+            user = head[len(VICUNA_SYSTEM) + 1:] if head.startswith(VICUNA_SYSTEM) else head
+            head = f"{system} {user}" if system else user
+        eos = self.tokenizer.eos_token or ""
+        parts = []
+        for k, (question, answer) in enumerate(turns):
+            first = k == 0
+            start = (head + (IMAGE_TOKEN + "\n" if image else "")) if first else t.user_cue
+            parts.append(f"{start}{question}{t.after_question}")
+            if k < len(turns) - 1:
+                parts.append(f"{t.answer_sep}{answer}{eos}")
+        return "".join(parts)
+
+    def encode_chat(self, turns: list[tuple[str, str]], system: str | None = None,
+                    image: bool = True) -> list[int]:
+        """Token ids of `chat_text(...)`, image tokens expanded, BOS first."""
+        ids, _ = self._tokenize(self.chat_text(turns, system, image), images=int(image))
+        return ids
+
     @staticmethod
     def _labels_from_spans(offsets, spans, shift: int, n: int) -> list[int]:
         """Per-token grounding label: a token overlapping span [a, b) (+ shift) gets it."""
@@ -147,23 +178,24 @@ class Processor:
                     labels[i] = int(label)
         return labels
 
-    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def _tokenize(self, text: str, images: int = 1) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and character offsets of `text`, tokenised in one call, with its single
-        `<image>` expanded to `image_seq_length` image tokens and the BOS in front."""
+        `<image>` (none when `images` is 0) expanded to `image_seq_length` image tokens and
+        the BOS in front."""
         tok = self.tokenizer
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         at = [i for i, x in enumerate(ids) if x == self.image_token_id]
-        if len(at) != 1:
+        if len(at) != images:
             mapped = tok.convert_tokens_to_ids(IMAGE_TOKEN)
             raise ValueError(
-                f"expected one {IMAGE_TOKEN} token (id {self.image_token_id}) in the tokenised "
+                f"expected {images} {IMAGE_TOKEN} token (id {self.image_token_id}) in the tokenised "
                 f"prompt, found {len(at)}: the tokenizer maps {IMAGE_TOKEN!r} to {mapped!r}"
                 f"{'' if mapped == self.image_token_id else ' (add it as a special token with the model image_token_id)'}"
                 f"; prompt {text[:200]!r}")
-        i = at[0]
-        ids[i:i + 1] = [self.image_token_id] * self.image_seq_length
-        offsets[i:i + 1] = [offsets[i]] * self.image_seq_length
+        for i in at:
+            ids[i:i + 1] = [self.image_token_id] * self.image_seq_length
+            offsets[i:i + 1] = [offsets[i]] * self.image_seq_length
         if tok.bos_token_id is not None:
             ids, offsets = [tok.bos_token_id] + ids, [(0, 0)] + offsets
         return ids, offsets

@@ -17,6 +17,12 @@ every candidate its grounding logit g and its own next-token logits at once, and
 picks argmax(log p + alpha * g). The chosen candidate's K/V and logits are kept, so a guided
 step costs one decode pass of width k instead of 1, and alpha = 0 picks the greedy token.
 
+Serving (`jaxground.serve`) needs more than one call per batch: every row has its own
+temperature, top_p, seed and token budget (`row_max_new_tokens`), so that a request's answer
+is the same alone or in any batch, and `on_token` streams each step's tokens to the host
+while the loop runs (a host callback inside the compiled loop; it can also stop rows, e.g.
+when a client went away).
+
 Visual contrastive decoding (`contrast="vcd"`, see `jaxground.inference.contrast`): the prompt
 runs twice in one batch of 2B rows, with the clean and with the diffusion-noised images; each
 step picks the token from the contrast of the two halves' logits and feeds it to both halves
@@ -32,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.experimental import io_callback
 
 from jaxground.inference import contrast as contrast_lib
 from jaxground.models.grounding import aggregate
@@ -67,6 +74,45 @@ class _Plan:
     eos: tuple[int, ...]
     pad: int
     contrast: str | None = None
+    stream_top_k: int = -1  # >= 0: call the host at every step with this many top log p
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTokens:
+    """What `on_token` receives at step `index` of the loop (numpy arrays, one row each)."""
+
+    index: int
+    tokens: np.ndarray          # [B] int32 (pad for finished rows)
+    live: np.ndarray            # [B] bool: rows that produced a token this step
+    logprobs: np.ndarray        # [B] float32 log p of the token (see Generation.logprobs)
+    grounding: np.ndarray | None  # [B] float32 aggregated grounding logit (None: no heads)
+    scored: np.ndarray | None     # [B] bool: live rows whose token carries a score
+    top_ids: np.ndarray         # [B, K] int32 the K most likely tokens (K = stream_top_k)
+    top_logprobs: np.ndarray    # [B, K] float32 their log p
+
+
+# on_token callbacks of the running generate calls: the compiled loop knows a call by the
+# integer id it was given, so one compiled program serves every callback.
+_LISTENERS: dict[int, object] = {}
+_NEXT_LISTENER = iter(range(1, 1 << 30))
+
+
+def _dispatch(listener_id, index, tokens, live, logprobs, grounding, scored, top_ids,
+              top_logprobs) -> np.ndarray:
+    """Host side of the step callback: hands the step to its listener; returns [B] bool,
+    the rows the listener wants stopped."""
+    listener = _LISTENERS.get(int(listener_id))
+    stop = np.zeros(np.shape(tokens), bool)
+    if listener is None:
+        return stop
+    g = None if grounding.shape[0] == 0 else np.asarray(grounding)
+    wanted = listener(StepTokens(int(index), np.asarray(tokens), np.asarray(live),
+                                 np.asarray(logprobs), g,
+                                 None if g is None else np.asarray(scored),
+                                 np.asarray(top_ids), np.asarray(top_logprobs)))
+    if wanted is not None:
+        stop |= np.asarray(wanted, bool).reshape(stop.shape)
+    return stop
 
 
 def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=None, *,
@@ -76,11 +122,22 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
              guidance_score: str = "logit", guidance_tokens=None,
              flag_threshold: float | None = None, flag_tokens=None,
              contrast: str | None = None, contrast_alpha: float = 1.0,
-             contrast_beta: float = 0.1, contrast_noise_step: int = 500) -> Generation:
+             contrast_beta: float = 0.1, contrast_noise_step: int = 500,
+             row_max_new_tokens=None, row_ignore_eos=None, on_token=None,
+             stream_top_k: int = 0) -> Generation:
     """Generates up to `max_new_tokens` per row after left-padded prompts [B, T].
 
     temperature 0 is greedy; otherwise samples from softmax(logits / temperature) restricted
-    to the top-p nucleus, with `jax.random` keyed by `seed` and the step.
+    to the top-p nucleus, with `jax.random` keyed by `seed` and the step. `temperature`,
+    `top_p` and `seed` may be one value or one per row ([B]); with one seed, row b draws
+    from the b-th key split from it; with one seed per row, a row's draws depend on its own
+    seed only (not on its place in the batch).
+    row_max_new_tokens: [B] per-row budgets (<= max_new_tokens): a row stops after that
+    many tokens, as it does after EOS. row_ignore_eos: [B] bool, rows that go on after EOS
+    (to their budget; benchmarks use it for answers of a known length).
+    on_token: a host function called at every step with a `StepTokens` (`stream_top_k` most
+    likely alternatives included); it may return [B] bool, rows to stop now. It runs inside
+    the compiled loop: keep it quick.
     guidance: alpha of grounding-guided decoding (None: off). Among the `guidance_top_k`
     most likely tokens, picks argmax log p + alpha * b, b the candidate's grounding logit
     (`guidance_score="logit"`) or log sigmoid of it ("log_sigmoid": only penalises poorly
@@ -96,7 +153,17 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     l >= log(contrast_beta) + max(l); argmax at temperature 0, else sampled like the plain
     logits. contrast_alpha = 0 is greedy. Not combinable with guidance.
     """
-    out = _generate(*_program_arguments(**locals()))
+    args = _program_arguments(**locals())
+    if on_token is None:
+        out = _generate(*args)
+    else:
+        listener = next(_NEXT_LISTENER)
+        _LISTENERS[listener] = on_token
+        args[5]["listener"] = jnp.int32(listener)
+        try:
+            out = jax.block_until_ready(_generate(*args))
+        finally:
+            del _LISTENERS[listener]
     if out.grounding is None or flag_threshold is None:
         return out
     flagged = out.scored & (out.grounding < flag_threshold)
@@ -116,7 +183,9 @@ def lower_generate(*args, **kwargs):
 def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_tokens,
                        temperature, top_p, eos_token_id, pad_token_id, seed, guidance,
                        guidance_top_k, guidance_score, guidance_tokens, contrast,
-                       contrast_alpha, contrast_beta, contrast_noise_step, **_flags):
+                       contrast_alpha, contrast_beta, contrast_noise_step,
+                       row_max_new_tokens=None, row_ignore_eos=None, on_token=None,
+                       stream_top_k=0, **_flags):
     """`generate`'s arguments checked and turned into those of the compiled program."""
     cfg = model.config
     input_ids = np.asarray(input_ids)
@@ -132,9 +201,20 @@ def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_t
     check_padding_supported(cfg, mask)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    b = input_ids.shape[0]
+    temperature_b, top_p_b = (_per_row(x, b, name, np.float32) for x, name in
+                              ((temperature, "temperature"), (top_p, "top_p")))
+    if (temperature_b < 0).any() or not ((0 < top_p_b) & (top_p_b <= 1)).all():
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
                          f"{top_p}")
+    row_max = _per_row(max_new_tokens if row_max_new_tokens is None else row_max_new_tokens,
+                       b, "row_max_new_tokens", np.int32)
+    if (row_max < 1).any() or (row_max > max_new_tokens).any():
+        raise ValueError(f"row_max_new_tokens must be in [1, max_new_tokens="
+                         f"{max_new_tokens}], got {row_max.tolist()}")
+    if not 0 <= stream_top_k <= cfg.text.vocab_size:
+        raise ValueError(f"stream_top_k must be in [0, {cfg.text.vocab_size}], got "
+                         f"{stream_top_k}")
     if guidance_score not in ("logit", "log_sigmoid"):
         raise ValueError(f"guidance_score must be 'logit' or 'log_sigmoid', got "
                          f"{guidance_score!r}")
@@ -145,19 +225,41 @@ def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_t
     if guided and not 1 <= guidance_top_k <= vocab:
         raise ValueError(f"guidance_top_k must be in [1, {vocab}], got {guidance_top_k}")
     check_contrast(contrast, pixel_values, guided, contrast_alpha, contrast_beta)
-    plan = _Plan(max_new_tokens=max_new_tokens, sample=temperature > 0, guided=guided,
-                 top_k=guidance_top_k if guided else 1, guidance_score=guidance_score,
-                 eos=eos, pad=int(pad), contrast=contrast)
-    knobs = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
+    seeds = np.asarray(seed)
+    if seeds.ndim == 0:
+        row_keys = jax.random.split(jax.random.key(int(seeds)), b)
+    else:
+        seeds = _per_row(seeds, b, "seed", np.int64)
+        if contrast is not None:
+            raise ValueError("contrast draws one noise image for the batch: give one seed")
+        row_keys = jnp.stack([jax.random.key(int(x)) for x in seeds])
+    plan = _Plan(max_new_tokens=max_new_tokens, sample=bool((temperature_b > 0).any()),
+                 guided=guided, top_k=guidance_top_k if guided else 1,
+                 guidance_score=guidance_score, eos=eos, pad=int(pad), contrast=contrast,
+                 stream_top_k=-1 if on_token is None else stream_top_k)
+    knobs = dict(temperature=jnp.asarray(temperature_b), top_p=jnp.asarray(top_p_b),
                  alpha=jnp.float32(guidance or 0.0),
                  bonus_tokens=token_mask(guidance_tokens, vocab),
-                 key=jax.random.key(seed),
+                 row_keys=row_keys, row_max=jnp.asarray(row_max),
+                 eos_ends=~jnp.asarray(_per_row(False if row_ignore_eos is None else row_ignore_eos, b, "row_ignore_eos",
+                                                bool)),
+                 listener=jnp.int32(0),
                  contrast_alpha=jnp.float32(contrast_alpha),
                  contrast_beta=jnp.float32(contrast_beta))
     pixels = None if pixel_values is None else jnp.asarray(pixel_values)
     distorted = (None if contrast is None
-                 else contrast_lib.distort(pixels, seed, contrast_noise_step))
+                 else contrast_lib.distort(pixels, int(seeds), contrast_noise_step))
     return model, jnp.asarray(input_ids), pixels, distorted, jnp.asarray(mask), knobs, plan
+
+
+def _per_row(x, b: int, name: str, dtype) -> np.ndarray:
+    """One value or [B] values -> [B] array of `dtype`."""
+    x = np.asarray(x)
+    if x.ndim == 0:
+        return np.full((b,), x, dtype)
+    if x.shape != (b,):
+        raise ValueError(f"{name} must be one value or one per row ({b}), got shape {x.shape}")
+    return x.astype(dtype)
 
 
 def check_contrast(contrast, pixel_values, guided: bool, alpha, beta) -> None:
@@ -194,40 +296,59 @@ def token_mask(tokens, vocab: int) -> jax.Array:
     return jnp.zeros((vocab,), bool).at[tokens.reshape(-1)].set(True)
 
 
-def nucleus_sample(key, scores_bc, temperature, top_p):
+def nucleus_sample(keys_b, scores_bc, temperature_b, top_p_b):
     """Index [B] sampled from softmax(scores / temperature) within the top-p nucleus (the
-    smallest set of most likely entries whose mass reaches top_p; never empty)."""
-    logits = scores_bc / temperature
+    smallest set of most likely entries whose mass reaches top_p; never empty); row b draws
+    with its own key and knobs."""
+    logits = scores_bc / jnp.maximum(temperature_b, 1e-6)[:, None]
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    outside = jnp.cumsum(probs, axis=-1) - probs >= top_p  # mass before it already >= top_p
-    choice = jax.random.categorical(key, jnp.where(outside, -jnp.inf, sorted_logits), axis=-1)
+    outside = jnp.cumsum(probs, axis=-1) - probs >= top_p_b[:, None]  # mass before it >= top_p
+    choice = jax.vmap(jax.random.categorical)(keys_b,
+                                              jnp.where(outside, -jnp.inf, sorted_logits))
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
-def _propose(logp_bv, pick_bv, knobs, plan: _Plan, key):
+def _pick(keys_b, scores_bc, knobs, plan: _Plan):
+    """Index [B]: sampled in rows with a temperature, the argmax in the others."""
+    best = jnp.argmax(scores_bc, axis=-1)
+    if not plan.sample:
+        return best
+    drawn = nucleus_sample(keys_b, scores_bc, knobs["temperature"], knobs["top_p"])
+    return jnp.where(knobs["temperature"] > 0, drawn, best)
+
+
+def _propose(logp_bv, pick_bv, knobs, plan: _Plan, keys_b):
     """Candidate tokens [B, C] and their log p: the top-k when guided, else the one pick from
     the scores `pick_bv` (log p, or the contrast scores)."""
     if plan.guided:
         return jax.lax.top_k(logp_bv, plan.top_k)
-    token_b = (nucleus_sample(key, pick_bv, knobs["temperature"], knobs["top_p"])
-               if plan.sample else jnp.argmax(pick_bv, axis=-1))
+    token_b = _pick(keys_b, pick_bv, knobs, plan)
     token_b1 = token_b[:, None].astype(jnp.int32)
     return jnp.take_along_axis(logp_bv, token_b1, axis=-1), token_b1
 
 
-def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, key):
+def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, keys_b):
     """Index [B] of the candidate to keep."""
     if not plan.guided:
         return jnp.zeros(cand_bc.shape[0], jnp.int32)
     bonus = (grounding_bc if plan.guidance_score == "logit"
              else jax.nn.log_sigmoid(grounding_bc))
     bonus = jnp.where(knobs["bonus_tokens"][cand_bc], bonus, 0.0)
-    total = cand_logp_bc + knobs["alpha"] * bonus
-    if plan.sample:
-        return nucleus_sample(key, total, knobs["temperature"], knobs["top_p"])
-    return jnp.argmax(total, axis=-1)
+    return _pick(keys_b, cand_logp_bc + knobs["alpha"] * bonus, knobs, plan)
+
+
+def _stream(i, token_b, live_b, logp_bv, grounding_b, ground, knobs, plan: _Plan):
+    """Hands step i to the host listener; returns [B] bool, the rows it stops."""
+    rows = jnp.arange(token_b.shape[0])
+    top_logp_bk, top_ids_bk = jax.lax.top_k(logp_bv, plan.stream_top_k)
+    scored_b = (live_b & ground.scored_b[:token_b.shape[0]] if ground is not None
+                else jnp.zeros((0,), bool))
+    return io_callback(_dispatch, jax.ShapeDtypeStruct(token_b.shape, jnp.bool_),
+                       knobs["listener"], i, token_b, live_b, logp_bv[rows, token_b],
+                       grounding_b if ground is not None else jnp.zeros((0,)), scored_b,
+                       top_ids_bk.astype(jnp.int32), top_logp_bk)
 
 
 @model_jit(static_argnames=("plan",))
@@ -256,7 +377,9 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
 
     def step(s):
         i = s["i"]
-        propose_key, choose_key = jax.random.split(jax.random.fold_in(knobs["key"], i))
+        step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, i)))(
+            knobs["row_keys"])  # [B, 2]
+        propose_key, choose_key = step_keys[:, 0], step_keys[:, 1]
         clean_bv = s["logits"][:b]
         logp_bv = jax.nn.log_softmax(clean_bv, axis=-1)
         pick_bv = (logp_bv if plan.contrast is None else contrast_lib.vcd_logits(
@@ -273,11 +396,16 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
         j_s = jnp.tile(j, streams)
         token_b = cand_bc[rows, j]
         live = ~s["done"]
+        stop = (s["done"] | (jnp.isin(token_b, eos) & knobs["eos_ends"])
+                | (i + 1 >= knobs["row_max"]))
+        if plan.stream_top_k >= 0:
+            stop |= _stream(i, token_b, live, logp_bv, grounding_bc[rows, j],
+                            ground, knobs, plan)
         return dict(
             i=i + 1,
             cache=s["cache"].write(t + i, k[:, rows_s, j_s], v[:, rows_s, j_s]),
             logits=next_logits_scv[rows_s, j_s].astype(jnp.float32),
-            done=s["done"] | jnp.isin(token_b, eos),
+            done=stop,
             tokens=s["tokens"].at[:, i].set(token_b),
             valid=s["valid"].at[:, i].set(live),
             logprobs=s["logprobs"].at[:, i].set(jnp.where(live, logp_bv[rows, token_b], 0.0)),
