@@ -244,3 +244,57 @@ def test_patch_scores_explain_the_score(hf_dir, tmp_path, grounding):
     np.testing.assert_allclose(scale * s + bias, np.asarray(scores.grounding)[scored],
                                rtol=1e-5, atol=1e-4)
     assert (patches[~scored] == 0).all()
+
+
+def test_per_row_knobs_and_the_step_callback(hf_dir, tmp_path):
+    """What serving relies on: rows at temperature 0 are greedy beside sampled rows; a row
+    with its own seed draws the same tokens in any batch position; per-row budgets and
+    ignore-EOS; `on_token` sees every step's tokens and can stop a row."""
+    model = with_heads(hf_dir[0], tmp_path, type="similarity")
+    ids, mask, px = hf_tiny.batch(hf_dir[1])
+    run = lambda ids=ids, mask=mask, px=px, **kw: jaxground.generate(
+        model, ids, px, attention_mask=mask, max_new_tokens=NEW, **kw)
+    greedy = np.asarray(run().tokens)
+    mixed = run(temperature=np.array([0.0, 1.5, 0.0]), seed=np.array([7, 8, 9]))
+    tokens = np.asarray(mixed.tokens)
+    np.testing.assert_array_equal(tokens[[0, 2]], greedy[[0, 2]])
+    assert (tokens[1] != greedy[1]).any()
+    # Row 1 with seed 8, moved to row 0 beside other rows and seeds: the same draws.
+    order = [1, 0, 2]
+    moved = run(ids[order], mask[order], px[order], temperature=np.array([1.5, 0.0, 1.0]),
+                seed=np.array([8, 3, 4]))
+    np.testing.assert_array_equal(np.asarray(moved.tokens)[0], tokens[1])
+    np.testing.assert_allclose(np.asarray(moved.logprobs)[0], np.asarray(mixed.logprobs)[1],
+                               atol=1e-5)
+    # Budgets: rows stop after their own number of tokens, greedy prefix unchanged.
+    short = run(row_max_new_tokens=np.array([3, NEW, 5]))
+    assert np.asarray(short.lengths).tolist() == [3, NEW, 5]
+    np.testing.assert_array_equal(np.asarray(short.tokens)[0, :3], greedy[0, :3])
+    eos = int(greedy[0, 2])
+    stopped = run(eos_token_id=eos, row_ignore_eos=np.array([False, True, True]))
+    assert int(stopped.lengths[0]) == 3 and int(stopped.lengths[2]) == NEW
+    # The callback: every live step arrives in order with its token, log p and grounding;
+    # asking to stop row 1 at step 4 ends it there.
+    steps = []
+
+    def listener(step):
+        steps.append(step)
+        return np.array([False, step.index >= 4, False])
+
+    streamed = run(on_token=listener, stream_top_k=3)
+    assert [s.index for s in steps] == list(range(NEW))
+    got = np.stack([s.tokens for s in steps], 1)
+    live = np.stack([s.live for s in steps], 1)
+    np.testing.assert_array_equal(live, np.asarray(streamed.valid))
+    assert np.asarray(streamed.lengths).tolist() == [NEW, 5, NEW]
+    np.testing.assert_array_equal(np.where(live, got, 0), np.where(live, greedy, 0))
+    np.testing.assert_allclose(np.stack([s.grounding for s in steps], 1)[live],
+                               np.asarray(streamed.grounding)[live], atol=1e-6)
+    np.testing.assert_allclose(np.stack([s.logprobs for s in steps], 1)[live],
+                               np.asarray(streamed.logprobs)[live], atol=1e-6)
+    top = np.stack([s.top_ids for s in steps], 1)  # [B, N, 3]: greedy = the first
+    np.testing.assert_array_equal(top[..., 0][live], greedy[live])
+    with pytest.raises(ValueError, match="row_max_new_tokens"):
+        run(row_max_new_tokens=np.array([1, NEW + 1, 1]))
+    with pytest.raises(ValueError, match="one per row"):
+        run(seed=np.array([1, 2]))
