@@ -64,18 +64,26 @@ def run_clients(client, name: str, bodies: list[dict], clients: int) -> dict:
             "p95_ms": 1e3 * float(np.percentile(lat, 95)), "answers": answers}
 
 
+def health(url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/health") as r:
+        return json.load(r)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", help="model to serve (default: train the shapes model)")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--window-ms", type=float, default=10.0)
+    ap.add_argument("--window-ms", type=float, default=20.0)
+    ap.add_argument("--batch-sizes", default="1,4,8,16")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "serve.json"))
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from serving import data_url, served, user
+    from serving import data_url, user
 
-    from jaxground.serve import ServeShapes
+    import openai
 
     workdir = args.workdir or trained_model(os.path.join(HERE, "out", "serve_model"))
     pictures = [data_url(p) for p in sorted(glob.glob(
@@ -85,25 +93,50 @@ def main() -> None:
                    extra_body={"ignore_eos": True}) for i in range(args.requests)]
     model, flags = cpu_info()
     print(f"CPU: {model} ({', '.join(flags)}), {os.cpu_count()} CPUs")
-    shapes = ServeShapes(batch_sizes=(1, 4, 16), max_tokens=args.max_tokens,
-                         window_s=args.window_ms / 1000)
+    # The server as users run it: its own process (the clients' threads do not share its GIL).
     t0 = time.perf_counter()
-    with served(workdir, shapes, dict(text_only=False, guided=False)) as server:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jaxground.serve", "--workdir", workdir, "--port", "0",
+         "--max_tokens", str(args.max_tokens), "--batch_sizes", args.batch_sizes,
+         "--window_ms", str(args.window_ms), "--warm_up", "image"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in server.stdout:
+            if line.startswith(("model ", "compiled")):
+                print(line.strip())
+            if line.startswith("serving "):
+                url = line.split(" on ")[1].strip().rstrip("/")
+                break
+        if url is None:
+            raise SystemExit("the server did not start")
         print(f"loaded and compiled in {time.perf_counter() - t0:.1f} s")
-        client = server.client(key=None)
-        run_clients(client, server.loaded.model_name, bodies[:4], 1)  # warm the path
-        results = [run_clients(client, server.loaded.model_name, bodies, c)
-                   for c in (1, 4, 16)]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        name = client.models.list().data[0].id
+        run_clients(client, name, bodies[:4], 1)  # warm the path
+        results = []
+        for c in (1, 4, 16):
+            before = health(url)
+            results.append(run_clients(client, name, bodies, c))
+            after = health(url)
+            results[-1]["rows_per_batch"] = ((after["rows"] - before["rows"])
+                                             / max(after["batches"] - before["batches"], 1))
+            results[-1]["engine_busy"] = ((after["busy_s"] - before["busy_s"])
+                                          / results[-1]["seconds"])
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
     base = results[0]
-    print(f"{args.requests} requests of {args.max_tokens} new tokens each "
-          f"(window {args.window_ms:g} ms):")
+    print(f"{args.requests} requests of {args.max_tokens} new tokens each (window "
+          f"{args.window_ms:g} ms, compiled batch sizes {args.batch_sizes}):")
     print(f"{'clients':>8} {'req/s':>8} {'tok/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'vs sequential':>14} {'same answers':>13}")
+          f"{'vs sequential':>14} {'same answers':>13} {'rows/batch':>11} {'decoding':>9}")
     for r in results:
         same = r["answers"] == base["answers"]
         print(f"{r['clients']:>8} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
               f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} "
-              f"{r['requests_per_s'] / base['requests_per_s']:>13.2f}x {str(same):>13}")
+              f"{r['requests_per_s'] / base['requests_per_s']:>13.2f}x {str(same):>13} "
+              f"{r['rows_per_batch']:>11.1f} {r['engine_busy']:>9.0%}")
     ratio = results[-1]["requests_per_s"] / base["requests_per_s"]
     print(f"16 concurrent clients / sequential: {ratio:.2f}x (target >= 4x: "
           f"{'met' if ratio >= 4 else 'not met'})")

@@ -65,7 +65,7 @@ def main(argv) -> None:
             if not question or question == "exit":
                 break
             request = ChatRequest(turns=turns + [(question, "")],
-                                  image=image, max_tokens=f.max_tokens,
+                                  image=image, max_tokens=f.max_tokens, stream=True,
                                   temperature=f.temperature, seed=f.seed, guidance=f.guidance)
             events: queue.Queue = queue.Queue()
             try:

@@ -294,6 +294,15 @@ def test_per_row_knobs_and_the_step_callback(hf_dir, tmp_path):
                                np.asarray(streamed.logprobs)[live], atol=1e-6)
     top = np.stack([s.top_ids for s in steps], 1)  # [B, N, 3]: greedy = the first
     np.testing.assert_array_equal(top[..., 0][live], greedy[live])
+    # Handed over 3 steps at a time (the last 2 after the loop): the same steps, in order;
+    # a stop asked for at step 4 takes effect at the end of its hand-over (step 5).
+    chunked = []
+    run(on_token=lambda s: chunked.append(s) or np.array([False, s.index >= 4, False]),
+        stream_top_k=3, stream_every=3)
+    assert [s.index for s in chunked] == list(range(NEW))
+    np.testing.assert_array_equal(np.stack([s.tokens for s in chunked], 1)[[0, 2]],
+                                  got[[0, 2]])
+    assert np.stack([s.live for s in chunked], 1)[1].sum() == 6
     with pytest.raises(ValueError, match="row_max_new_tokens"):
         run(row_max_new_tokens=np.array([1, NEW + 1, 1]))
     with pytest.raises(ValueError, match="one per row"):

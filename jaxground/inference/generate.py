@@ -74,7 +74,8 @@ class _Plan:
     eos: tuple[int, ...]
     pad: int
     contrast: str | None = None
-    stream_top_k: int = -1  # >= 0: call the host at every step with this many top log p
+    stream_top_k: int = -1  # >= 0: hand steps to the host with this many top log p ...
+    stream_every: int = 1   # ... this many steps at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +98,25 @@ _LISTENERS: dict[int, object] = {}
 _NEXT_LISTENER = iter(range(1, 1 << 30))
 
 
-def _dispatch(listener_id, index, tokens, live, logprobs, grounding, scored, top_ids,
-              top_logprobs) -> np.ndarray:
-    """Host side of the step callback: hands the step to its listener; returns [B] bool,
-    the rows the listener wants stopped."""
-    listener = _LISTENERS.get(int(listener_id))
-    stop = np.zeros(np.shape(tokens), bool)
+def _dispatch(header, ints_ebc, floats_ebc) -> np.ndarray:
+    """Host side of the step callback: unpacks `count` steps from `first` on (`_pack` packs
+    each step into two arrays: every argument of a callback costs a transfer), hands them
+    to the listener in order and returns [B] bool, the rows it wants stopped."""
+    listener_id, first, count, has_grounding = (int(x) for x in header)
+    stop = np.zeros(ints_ebc.shape[1], bool)
+    listener = _LISTENERS.get(listener_id)
     if listener is None:
         return stop
-    g = None if grounding.shape[0] == 0 else np.asarray(grounding)
-    wanted = listener(StepTokens(int(index), np.asarray(tokens), np.asarray(live),
-                                 np.asarray(logprobs), g,
-                                 None if g is None else np.asarray(scored),
-                                 np.asarray(top_ids), np.asarray(top_logprobs)))
-    if wanted is not None:
-        stop |= np.asarray(wanted, bool).reshape(stop.shape)
+    ints_ebc, floats_ebc = np.asarray(ints_ebc), np.asarray(floats_ebc)
+    for e in range(count):
+        ints, floats = ints_ebc[e], floats_ebc[e]
+        wanted = listener(StepTokens(
+            first + e, tokens=ints[:, 0], live=ints[:, 1].astype(bool), logprobs=floats[:, 0],
+            grounding=floats[:, 1] if has_grounding else None,
+            scored=ints[:, 2].astype(bool) if has_grounding else None,
+            top_ids=ints[:, 3:], top_logprobs=floats[:, 2:]))
+        if wanted is not None:
+            stop |= np.asarray(wanted, bool).reshape(stop.shape)
     return stop
 
 
@@ -124,7 +129,7 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
              contrast: str | None = None, contrast_alpha: float = 1.0,
              contrast_beta: float = 0.1, contrast_noise_step: int = 500,
              row_max_new_tokens=None, row_ignore_eos=None, on_token=None,
-             stream_top_k: int = 0) -> Generation:
+             stream_top_k: int = 0, stream_every: int = 1) -> Generation:
     """Generates up to `max_new_tokens` per row after left-padded prompts [B, T].
 
     temperature 0 is greedy; otherwise samples from softmax(logits / temperature) restricted
@@ -137,7 +142,9 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     (to their budget; benchmarks use it for answers of a known length).
     on_token: a host function called at every step with a `StepTokens` (`stream_top_k` most
     likely alternatives included); it may return [B] bool, rows to stop now. It runs inside
-    the compiled loop: keep it quick.
+    the compiled loop: keep it quick. The loop hands steps over `stream_every` at a time
+    (each hand-over is a round trip to the host, ~0.4 ms on CPU) and the rest at the end;
+    a row stopped by `on_token` stops at the end of that hand-over.
     guidance: alpha of grounding-guided decoding (None: off). Among the `guidance_top_k`
     most likely tokens, picks argmax log p + alpha * b, b the candidate's grounding logit
     (`guidance_score="logit"`) or log sigmoid of it ("log_sigmoid": only penalises poorly
@@ -155,13 +162,14 @@ def generate(model: LlavaModel, input_ids, pixel_values=None, attention_mask=Non
     """
     args = _program_arguments(**locals())
     if on_token is None:
-        out = _generate(*args)
+        out, _ = _generate(*args)
     else:
         listener = next(_NEXT_LISTENER)
         _LISTENERS[listener] = on_token
         args[5]["listener"] = jnp.int32(listener)
         try:
-            out = jax.block_until_ready(_generate(*args))
+            out, pending = jax.block_until_ready(_generate(*args))
+            _dispatch(*pending)  # the last steps, fewer than stream_every
         finally:
             del _LISTENERS[listener]
     if out.grounding is None or flag_threshold is None:
@@ -185,7 +193,7 @@ def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_t
                        guidance_top_k, guidance_score, guidance_tokens, contrast,
                        contrast_alpha, contrast_beta, contrast_noise_step,
                        row_max_new_tokens=None, row_ignore_eos=None, on_token=None,
-                       stream_top_k=0, **_flags):
+                       stream_top_k=0, stream_every=1, **_flags):
     """`generate`'s arguments checked and turned into those of the compiled program."""
     cfg = model.config
     input_ids = np.asarray(input_ids)
@@ -215,6 +223,9 @@ def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_t
     if not 0 <= stream_top_k <= cfg.text.vocab_size:
         raise ValueError(f"stream_top_k must be in [0, {cfg.text.vocab_size}], got "
                          f"{stream_top_k}")
+    if not 1 <= stream_every <= max_new_tokens:
+        raise ValueError(f"stream_every must be in [1, max_new_tokens={max_new_tokens}], got "
+                         f"{stream_every}")
     if guidance_score not in ("logit", "log_sigmoid"):
         raise ValueError(f"guidance_score must be 'logit' or 'log_sigmoid', got "
                          f"{guidance_score!r}")
@@ -236,7 +247,8 @@ def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_t
     plan = _Plan(max_new_tokens=max_new_tokens, sample=bool((temperature_b > 0).any()),
                  guided=guided, top_k=guidance_top_k if guided else 1,
                  guidance_score=guidance_score, eos=eos, pad=int(pad), contrast=contrast,
-                 stream_top_k=-1 if on_token is None else stream_top_k)
+                 stream_top_k=-1 if on_token is None else stream_top_k,
+                 stream_every=stream_every)
     knobs = dict(temperature=jnp.asarray(temperature_b), top_p=jnp.asarray(top_p_b),
                  alpha=jnp.float32(guidance or 0.0),
                  bonus_tokens=token_mask(guidance_tokens, vocab),
@@ -339,21 +351,39 @@ def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, keys_b):
     return _pick(keys_b, cand_logp_bc + knobs["alpha"] * bonus, knobs, plan)
 
 
-def _stream(i, token_b, live_b, logp_bv, grounding_b, ground, knobs, plan: _Plan):
-    """Hands step i to the host listener; returns [B] bool, the rows it stops."""
-    rows = jnp.arange(token_b.shape[0])
+def _pack(token_b, live_b, logp_bv, grounding_b, ground, plan: _Plan):
+    """One step for the host: ints [B, 3 + K] (token, live, scored, top ids) and floats
+    [B, 2 + K] (log p, grounding, top log p)."""
+    b = token_b.shape[0]
     top_logp_bk, top_ids_bk = jax.lax.top_k(logp_bv, plan.stream_top_k)
-    scored_b = (live_b & ground.scored_b[:token_b.shape[0]] if ground is not None
-                else jnp.zeros((0,), bool))
-    return io_callback(_dispatch, jax.ShapeDtypeStruct(token_b.shape, jnp.bool_),
-                       knobs["listener"], i, token_b, live_b, logp_bv[rows, token_b],
-                       grounding_b if ground is not None else jnp.zeros((0,)), scored_b,
-                       top_ids_bk.astype(jnp.int32), top_logp_bk)
+    scored_b = live_b & ground.scored_b[:b] if ground is not None else jnp.zeros(b, bool)
+    ints_bc = jnp.concatenate([jnp.stack([token_b, live_b, scored_b], 1).astype(jnp.int32),
+                               top_ids_bk.astype(jnp.int32)], 1)
+    floats_bc = jnp.concatenate([jnp.stack([logp_bv[jnp.arange(b), token_b], grounding_b], 1),
+                                 top_logp_bk], 1).astype(jnp.float32)
+    return ints_bc, floats_bc
+
+
+def _header(knobs, first, count, ground):
+    return jnp.stack([knobs["listener"], first, count, jnp.int32(ground is not None)])
+
+
+def _hand_over(i, pending, knobs, ground, plan: _Plan):
+    """After step i: the host gets the pending steps when there are `stream_every` of them;
+    returns [B] bool, the rows it stops."""
+    e = plan.stream_every
+    ints_ebc, floats_ebc = pending
+    b = ints_ebc.shape[1]
+    call = lambda: io_callback(_dispatch, jax.ShapeDtypeStruct((b,), jnp.bool_),
+                               _header(knobs, i + 1 - e, e, ground), ints_ebc, floats_ebc)
+    if e == 1:
+        return call()
+    return jax.lax.cond(i % e == e - 1, call, lambda: jnp.zeros(b, bool))
 
 
 @model_jit(static_argnames=("plan",))
 def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, attention_mask,
-              knobs, plan: _Plan) -> Generation:
+              knobs, plan: _Plan) -> tuple[Generation, tuple | None]:
     b, t = input_ids.shape
     n, g = plan.max_new_tokens, len(model.config.grounded_layers)
     streams = 1
@@ -374,6 +404,10 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
                 tokens=jnp.full((b, n), plan.pad, jnp.int32), valid=jnp.zeros((b, n), bool),
                 logprobs=jnp.zeros((b, n)), entropy=jnp.zeros((b, n)),
                 scores=jnp.zeros((g, b, n)))
+    if plan.stream_top_k >= 0:  # steps not yet handed to the host: [E, B, C]
+        e, k = plan.stream_every, plan.stream_top_k
+        init["pending"] = (jnp.zeros((e, b, 3 + k), jnp.int32),
+                           jnp.zeros((e, b, 2 + k), jnp.float32))
 
     def step(s):
         i = s["i"]
@@ -398,10 +432,15 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
         live = ~s["done"]
         stop = (s["done"] | (jnp.isin(token_b, eos) & knobs["eos_ends"])
                 | (i + 1 >= knobs["row_max"]))
+        streamed = {}
         if plan.stream_top_k >= 0:
-            stop |= _stream(i, token_b, live, logp_bv, grounding_bc[rows, j],
-                            ground, knobs, plan)
+            packed = _pack(token_b, live, logp_bv, grounding_bc[rows, j], ground, plan)
+            pending = tuple(p.at[i % plan.stream_every].set(x)
+                            for p, x in zip(s["pending"], packed))
+            stop |= _hand_over(i, pending, knobs, ground, plan)
+            streamed["pending"] = pending
         return dict(
+            **streamed,
             i=i + 1,
             cache=s["cache"].write(t + i, k[:, rows_s, j_s], v[:, rows_s, j_s]),
             logits=next_logits_scv[rows_s, j_s].astype(jnp.float32),
@@ -417,8 +456,13 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
     s = jax.lax.while_loop(lambda s: (s["i"] < n) & ~jnp.all(s["done"]), step, init)
     out = Generation(tokens=s["tokens"], valid=s["valid"], lengths=s["valid"].sum(-1),
                      logprobs=s["logprobs"], entropy=s["entropy"], grounding=None)
+    # The steps the loop has not handed over (fewer than stream_every), for the host.
+    left = None
+    if plan.stream_top_k >= 0:
+        count = s["i"] % plan.stream_every
+        left = (_header(knobs, s["i"] - count, count, ground), *s["pending"])
     if not g:
-        return out
+        return out, left
     scored = s["valid"] & ground.scored_b[:b, None]
     return out.replace(grounding=aggregate(s["scores"], model.config.grounding.aggregate),
-                       grounding_scores=model.per_layer(s["scores"]), scored=scored)
+                       grounding_scores=model.per_layer(s["scores"]), scored=scored), left

@@ -16,10 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+SWITCH_INTERVAL_S = 0.0005
 
 
 def define_flags() -> None:
@@ -34,8 +36,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_tokens", 256, "Longest answer (and the default max_tokens).")
     flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Compiled batch sizes.")
     flags.DEFINE_list("prompt_lengths", [], "Compiled prompt lengths in tokens, image "
-                      "included (default: one, the context minus --max_tokens).")
-    flags.DEFINE_float("window_ms", 10.0, "How long a batch waits for more requests.")
+                      "included (default: image + 64, image + 512 and the context minus "
+                      "--max_tokens).")
+    flags.DEFINE_float("window_ms", 20.0, "How long a batch may wait for more requests (it "
+                       "waits for as many as the last batch had plus those queued since).")
     flags.DEFINE_float("flag_threshold", None, "Flag object words whose grounding logit is "
                        "below this (default: the run's eval.flag_threshold).")
     flags.DEFINE_string("objects", None, "COCO-format folder whose categories are the object "
@@ -75,6 +79,9 @@ def main(argv) -> None:
         seconds = engine.warm_up(text_only=f.warm_up == "all", guided=f.warm_up == "all",
                                  progress=lambda m: print(m, flush=True))
         print(f"compiled in {seconds:.1f} s", flush=True)
+    # The decode loop calls back into Python at every step; while HTTP work holds the GIL it
+    # waits up to the switch interval (5 ms by default) each time.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     engine.start()
     api_key = f.api_key or os.environ.get("JAXGROUND_API_KEY") or None
     application = create_app(engine, loaded.model_name, api_key=api_key,

@@ -2,7 +2,7 @@
 the viewer page, as a Starlette app (FastAPI) in front of one `Engine`.
 
 Responses follow OpenAI's shapes, so the official client and tools built on it (lmms-eval's
-OpenAI model, VLMEvalKit) work unchanged; what this server adds sits in extra fields:
+OpenAI-compatible model) work unchanged; what this server adds sits in extra fields:
 each choice carries `grounding` (per answer token: text, id, grounding logit, flag, whether it
 is an object word), and with
 `"grounding_patches": true` the per-patch evidence behind each scored token (heatmaps).
@@ -194,6 +194,7 @@ class _Reply:
         if isinstance(event, TokenEvent):
             self.tokens.append(event)
         elif isinstance(event, Finished):
+            self.tokens.extend(event.tokens or [])
             self.end = event
 
     def header(self, kind: str) -> dict:

@@ -5,8 +5,9 @@
     engine.start()
     job = engine.submit(request, sink)   # sink(event) gets TokenEvent..., then Finished
 
-One thread owns the model. It takes the first waiting request, waits `window_s` for others
-that can share its program (same image / no image, same guidance), pads the batch to the
+One thread owns the model. It takes the first waiting request, waits up to `window_s` for
+others that can share its program (same image / no image, same guidance; it waits only
+for as many as are likely to come: a lone client's requests start at once), pads the batch to the
 smallest compiled batch size and the prompts to the smallest compiled length that hold them
 (left padding; spare rows are copies of the first, stopped after one token), and runs
 `jaxground.generate` once. Every row has its own temperature, top_p, seed and budget, so a
@@ -43,15 +44,26 @@ class ServeShapes:
     answer length every program decodes up to."""
 
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    prompt_lengths: tuple[int, ...] = ()   # () = one length: the model's context - max_tokens
+    prompt_lengths: tuple[int, ...] = ()   # () = default_lengths(...)
     max_tokens: int = 512
-    window_s: float = 0.01                 # how long a batch waits for company
+    window_s: float = 0.02                 # how long a batch may wait for company
+    stream_every: int = 4                  # steps the decode loop hands over at a time
+                                           # (each hand-over is a round trip to Python)
 
     def length_for(self, n: int) -> int | None:
         return next((t for t in self.prompt_lengths if t >= n), None)
 
     def batch_for(self, n: int) -> int:
         return next(b for b in self.batch_sizes if b >= n)
+
+
+def default_lengths(image_tokens: int, context: int, max_tokens: int) -> tuple[int, ...]:
+    """Prompt lengths to compile when none are given: the image and a question of up to 64
+    tokens (LLaVA-1.5's prompts: 576 image tokens + ~35 of system prompt + the question fit
+    640), a conversation of up to 512 more, and everything the context leaves."""
+    longest = context - max_tokens
+    return tuple(sorted({min(n, longest) for n in (image_tokens + 64, image_tokens + 512,
+                                                   longest)}))
 
 
 @dataclasses.dataclass
@@ -73,7 +85,9 @@ class TokenEvent:
 @dataclasses.dataclass
 class Finished:
     """The job's end: why ("stop" or "length"; "cancelled" when the client left), the
-    remaining text, token counts and, when asked, each answer token's patch evidence."""
+    remaining text, token counts and, when asked, each answer token's patch evidence.
+    A job that does not stream gets its tokens here (`tokens`), not one event each: every
+    event wakes the receiving thread, which then competes with the decode loop."""
 
     reason: str
     text: str
@@ -81,6 +95,7 @@ class Finished:
     completion_tokens: int
     patches: list[list[float] | None] | None = None
     grid: int | None = None
+    tokens: list[TokenEvent] | None = None
 
 
 @dataclasses.dataclass
@@ -147,7 +162,8 @@ class Job:
         if self.cut is not None and len(before) >= self.cut:
             return  # the token lies inside the stop string: not part of the answer
         self.events.append(event)
-        self.sink(event)
+        if self.request.stream:
+            self.sink(event)
 
     def _visible(self, final: bool = False) -> str:
         """The text that may be shown: up to a stop string, and (until the end) without a
@@ -166,8 +182,10 @@ class Job:
         rest, self.sent = text[len(self.sent):], text
         reason = ("cancelled" if self.cancelled.is_set() and not (self.hit_eos or self.cut)
                   else "stop" if self.hit_eos or self.cut is not None else "length")
-        self.sink(Finished(reason=reason, text=rest, prompt_tokens=len(self.ids),
-                           completion_tokens=len(self.token_ids), patches=patches, grid=grid))
+        streamed = self.request.stream
+        self.sink(Finished(reason=reason, text=rest if streamed else text,
+                           prompt_tokens=len(self.ids), completion_tokens=len(self.token_ids),
+                           patches=patches, grid=grid, tokens=None if streamed else self.events))
 
 
 class Engine:
@@ -179,7 +197,8 @@ class Engine:
         self.model, self.processor = model, processor
         cfg = model.config
         context = cfg.text.max_position_embeddings
-        lengths = shapes.prompt_lengths or (context - shapes.max_tokens,)
+        lengths = shapes.prompt_lengths or default_lengths(cfg.image_seq_length, context,
+                                                           shapes.max_tokens)
         if min(lengths) < 1 or max(lengths) + shapes.max_tokens > context:
             raise ValueError(f"prompt lengths {list(lengths)} + max_tokens "
                              f"{shapes.max_tokens} must fit the context of {context} tokens")
@@ -202,8 +221,9 @@ class Engine:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._expected = 1  # requests the next batch waits for (see _loop)
         self.stats = {"batches": 0, "completed": 0, "cancelled": 0, "active": 0,
-                      "rows": 0}
+                      "rows": 0, "busy_s": 0.0}
 
     # ---- per-token helpers ------------------------------------------------------------
     def piece(self, token_id: int) -> str:
@@ -261,9 +281,13 @@ class Engine:
                     pending.append(self._queue.get(timeout=0.1))
                 except queue.Empty:
                     continue
+            # Wait (up to the window) for as many requests as are likely to come: the last
+            # batch's clients, who come back once answered, and those who queued meanwhile.
+            # A lone client's requests start at once; closed-loop clients merge into one
+            # batch instead of splitting into two that take turns.
             deadline = time.monotonic() + self.shapes.window_s
             biggest = self.shapes.batch_sizes[-1]
-            while len(pending) < biggest * 4:
+            while len(pending) < min(self._expected, biggest):
                 left = deadline - time.monotonic()
                 try:
                     pending.append(self._queue.get(timeout=max(left, 0)) if left > 0
@@ -279,6 +303,7 @@ class Engine:
                 log.exception("batch failed")
                 for job in batch:
                     job.sink(Failed(f"generation failed: {type(e).__name__}: {e}"))
+            self._expected = len(batch) + len(pending) + self._queue.qsize()
 
     def run_batch(self, jobs: list[Job]) -> None:
         for gone in [j for j in jobs if j.cancelled.is_set()]:
@@ -303,16 +328,18 @@ class Engine:
         def on_token(step: StepTokens):
             stop = np.zeros(b, bool)
             for row, job in enumerate(jobs):
-                if step.live[row]:
+                if step.live[row] and not job.ended:  # a stopped row runs to the hand-over
                     job.take(step, row)
                 stop[row] = job.ended
             return stop
 
+        t0 = time.perf_counter()
         self._generate(ids, mask, pixels, [q.temperature for q in r], [q.top_p for q in r],
                        [j.seed for j in jobs] + [0] * fill, budget,
                        [q.ignore_eos for q in r], guidance, on_token)
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
+        self.stats["busy_s"] += time.perf_counter() - t0
         for job in jobs:
             patches = grid = None
             if job.request.patches and job.has_image and self.has_heads and job.events:
@@ -331,7 +358,8 @@ class Engine:
             eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id,
             guidance=guidance, guidance_top_k=self.guidance_top_k,
             guidance_tokens=self.guidance_tokens if guidance is not None else None,
-            on_token=on_token, stream_top_k=MAX_TOP_LOGPROBS)
+            on_token=on_token, stream_top_k=MAX_TOP_LOGPROBS,
+            stream_every=min(self.shapes.stream_every, self.shapes.max_tokens))
 
     # ---- heatmaps ---------------------------------------------------------------------
     def patches(self, job: Job) -> tuple[list[list[float] | None], int]:
