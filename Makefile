@@ -23,7 +23,7 @@ $(DEMO_STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 # Grounded vs ungrounded on the shapes world -> runs/demo/report.md (re-running reuses
 # finished trainings; `make clean` starts over).

@@ -24,7 +24,8 @@ import jaxground
 from serving import (KEY, MAX_TOKENS, REPO, data_url, http, images, served, shared_workdir,
                      user)
 
-pytestmark = pytest.mark.slow
+# One worker runs them all: the server fixture (load + compile) is built once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]
 BATCH = 16
 
 
@@ -145,6 +146,24 @@ def test_the_grounding_extension_flags_object_words_and_gives_heatmaps(server, p
         assert s is None or (len(s) == k and np.isfinite(s).all() and np.ptp(s) > 0)
 
 
+def test_guided_requests_decode_as_the_library_does(server, pictures, workdir):
+    """The `guidance` extension is grounding-guided decoding with the object words as the
+    bonus tokens, as `evaluate` runs it."""
+    client, name, engine = server.client(), server.loaded.model_name, server.engine
+    guided = ask(client, name, pictures[4], extra_body={"guidance": 3.0}).choices[0]
+    proc = engine.processor
+    ids = np.asarray([proc.encode_chat([("Describe the image.", "")])])
+    px = proc.pixel_values([Image.open(images(workdir)[4])])
+    gen = jaxground.generate(engine.model, ids, px, max_new_tokens=MAX_TOKENS,
+                             eos_token_id=proc.tokenizer.eos_token_id, guidance=3.0,
+                             guidance_tokens=np.flatnonzero(engine.flag_mask))
+    answer = [t for t in np.asarray(gen.tokens)[0, :int(gen.lengths[0])].tolist()
+              if t != proc.tokenizer.eos_token_id]
+    assert [g["token_id"] for g in guided.grounding] == answer
+    with pytest.raises(openai.BadRequestError, match="guidance"):
+        ask(client, name, None, question="Hello", extra_body={"guidance": 1.0})
+
+
 def _requests(pictures):
     """16 different requests: images, questions, greedy and seeded sampling, budgets."""
     questions = ["Describe the image.", "What shapes are there?", "Is there a red circle?",
@@ -237,6 +256,7 @@ BAD = [  # (body change or raw body, status, text in the message)
     ({"max_tokens": MAX_TOKENS + 1}, 400, "max_tokens"),
     ({"temperature": -1}, 400, "temperature"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "start and end"),
+    ({"messages": [{"role": "user", "content": "what is <image>?"}]}, 400, "image_url parts"),
 ]
 
 

@@ -189,7 +189,8 @@ class Processor:
         if len(at) != images:
             mapped = tok.convert_tokens_to_ids(IMAGE_TOKEN)
             raise ValueError(
-                f"expected {images} {IMAGE_TOKEN} token (id {self.image_token_id}) in the tokenised "
+                f"expected {('no', 'one')[images] if images < 2 else images} {IMAGE_TOKEN} "
+                f"token (id {self.image_token_id}) in the tokenised "
                 f"prompt, found {len(at)}: the tokenizer maps {IMAGE_TOKEN!r} to {mapped!r}"
                 f"{'' if mapped == self.image_token_id else ' (add it as a special token with the model image_token_id)'}"
                 f"; prompt {text[:200]!r}")

@@ -34,7 +34,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("dtype", "", "float32 | bfloat16 | float16 (default: the checkpoint's).")
     flags.DEFINE_integer("max_tokens", 256, "Longest answer (and the default max_tokens).")
-    flags.DEFINE_list("batch_sizes", ["1", "4", "16"], "Compiled batch sizes.")
+    flags.DEFINE_list("batch_sizes", ["1", "4", "8", "16"], "Compiled batch sizes.")
     flags.DEFINE_list("prompt_lengths", [], "Compiled prompt lengths in tokens, image "
                       "included (default: image + 64, image + 512 and the context minus "
                       "--max_tokens).")

@@ -43,7 +43,7 @@ class ServeShapes:
     """The compiled shapes: batch sizes, prompt lengths (tokens, image included) and the
     answer length every program decodes up to."""
 
-    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     prompt_lengths: tuple[int, ...] = ()   # () = default_lengths(...)
     max_tokens: int = 512
     window_s: float = 0.02                 # how long a batch may wait for company

@@ -16,7 +16,7 @@ import math
 
 from PIL import Image, UnidentifiedImageError
 
-from jaxground.data.processor import to_rgb
+from jaxground.data.processor import IMAGE_TOKEN, to_rgb
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 4       # OpenAI's limit
@@ -122,11 +122,17 @@ def _content(message: dict, i: int, limits: Limits) -> tuple[str, list[Image.Ima
     content = message.get("content")
     param = f"messages[{i}].content"
     if isinstance(content, str):
+        if IMAGE_TOKEN in content:
+            raise RequestError(f"{param}: text may not contain {IMAGE_TOKEN!r}: images go in "
+                               "image_url parts", param)
         return content, []
     if not isinstance(content, list):
         raise RequestError(f"{param} must be a string or a list of parts", param)
     texts, images = [], []
     for j, part in enumerate(content):
+        if isinstance(part, dict) and IMAGE_TOKEN in str(part.get("text", "")):
+            raise RequestError(f"{param}[{j}]: text may not contain {IMAGE_TOKEN!r}: images "
+                               "go in image_url parts", f"{param}[{j}]")
         p = f"{param}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
