@@ -180,8 +180,9 @@ class Job:
     def finish(self, patches=None, grid=None) -> None:
         text = self._visible(final=True)
         rest, self.sent = text[len(self.sent):], text
-        reason = ("cancelled" if self.cancelled.is_set() and not (self.hit_eos or self.cut)
-                  else "stop" if self.hit_eos or self.cut is not None else "length")
+        stopped = self.hit_eos or self.cut is not None
+        reason = ("stop" if stopped else "cancelled" if self.cancelled.is_set()
+                  else "length")
         streamed = self.request.stream
         self.sink(Finished(reason=reason, text=rest if streamed else text,
                            prompt_tokens=len(self.ids), completion_tokens=len(self.token_ids),
