@@ -135,7 +135,7 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, settings
 
     from jaxground.data.processor import open_image
     from jaxground.eval.tasks import grounding_truth, mention_samples
-    from jaxground.inference.score import score
+    from jaxground.inference.score import patch_maps, score
 
     usable = [s for s in samples if "error" not in s and s.get("token_ids")]
     vocab, truth = grounding_truth(coco_dir, usable, settings.split or None)
@@ -149,9 +149,7 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, settings
         ids = np.asarray([prompt + s["token_ids"]], np.int32)
         pixels = processor.pixel_values([open_image(os.path.join(coco_dir, s["image"]))])
         scores = score(model, ids, pixels, patches=True)
-        patches = np.asarray(scores.patches)[0, len(prompt):]  # [N, K]
-        if config.vision_feature_select_strategy == "full":
-            patches = patches[:, 1:]  # the class token is no patch
+        patches = patch_maps(np.asarray(scores.patches)[0, len(prompt):], config)  # [N, K]
         mention_tokens = {t for m in mentions for t in m["tokens"]}
         pieces = [text[a:b] for a, b in spans]
         image = Image.fromarray(_image_from_pixels(pixels[0], processor.image_processor))

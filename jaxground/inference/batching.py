@@ -43,9 +43,9 @@ class Prompt:
     answer: str | None = None  # a given answer to score (teacher forced) instead
 
 
-def left_pad(rows: list[list[int]], pad_id: int, multiple: int = 8):
-    """ids, mask [B, T] int32, T the longest row rounded up to `multiple`."""
-    t = -(-max(map(len, rows)) // multiple) * multiple
+def left_pad(rows: list[list[int]], pad_id: int, multiple: int = 8, length: int | None = None):
+    """ids, mask [B, T] int32, T the longest row rounded up to `multiple`, or `length`."""
+    t = length or -(-max(map(len, rows)) // multiple) * multiple
     ids = np.full((len(rows), t), pad_id, np.int32)
     mask = np.zeros((len(rows), t), np.int32)
     for i, r in enumerate(rows):

@@ -253,8 +253,9 @@ def _program_arguments(model, input_ids, pixel_values, attention_mask, max_new_t
                  alpha=jnp.float32(guidance or 0.0),
                  bonus_tokens=token_mask(guidance_tokens, vocab),
                  row_keys=row_keys, row_max=jnp.asarray(row_max),
-                 eos_ends=~jnp.asarray(_per_row(False if row_ignore_eos is None else row_ignore_eos, b, "row_ignore_eos",
-                                                bool)),
+                 eos_ends=~jnp.asarray(_per_row(
+                     False if row_ignore_eos is None else row_ignore_eos, b, "row_ignore_eos",
+                     bool)),
                  listener=jnp.int32(0),
                  contrast_alpha=jnp.float32(contrast_alpha),
                  contrast_beta=jnp.float32(contrast_beta))
@@ -351,16 +352,16 @@ def _choose(cand_logp_bc, cand_bc, grounding_bc, knobs, plan: _Plan, keys_b):
     return _pick(keys_b, cand_logp_bc + knobs["alpha"] * bonus, knobs, plan)
 
 
-def _pack(token_b, live_b, logp_bv, grounding_b, ground, plan: _Plan):
+def _pack(token_b, live_b, logp_bv, token_logp_b, grounding_b, ground, plan: _Plan):
     """One step for the host: ints [B, 3 + K] (token, live, scored, top ids) and floats
-    [B, 2 + K] (log p, grounding, top log p)."""
+    [B, 2 + K] (the token's log p, grounding, top log p)."""
     b = token_b.shape[0]
     top_logp_bk, top_ids_bk = jax.lax.top_k(logp_bv, plan.stream_top_k)
     scored_b = live_b & ground.scored_b[:b] if ground is not None else jnp.zeros(b, bool)
     ints_bc = jnp.concatenate([jnp.stack([token_b, live_b, scored_b], 1).astype(jnp.int32),
                                top_ids_bk.astype(jnp.int32)], 1)
-    floats_bc = jnp.concatenate([jnp.stack([logp_bv[jnp.arange(b), token_b], grounding_b], 1),
-                                 top_logp_bk], 1).astype(jnp.float32)
+    floats_bc = jnp.concatenate([jnp.stack([token_logp_b, grounding_b], 1), top_logp_bk],
+                                1).astype(jnp.float32)
     return ints_bc, floats_bc
 
 
@@ -376,8 +377,6 @@ def _hand_over(i, pending, knobs, ground, plan: _Plan):
     b = ints_ebc.shape[1]
     call = lambda: io_callback(_dispatch, jax.ShapeDtypeStruct((b,), jnp.bool_),
                                _header(knobs, i + 1 - e, e, ground), ints_ebc, floats_ebc)
-    if e == 1:
-        return call()
     return jax.lax.cond(i % e == e - 1, call, lambda: jnp.zeros(b, bool))
 
 
@@ -430,11 +429,13 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
         j_s = jnp.tile(j, streams)
         token_b = cand_bc[rows, j]
         live = ~s["done"]
+        token_logp_b = logp_bv[rows, token_b]
         stop = (s["done"] | (jnp.isin(token_b, eos) & knobs["eos_ends"])
                 | (i + 1 >= knobs["row_max"]))
         streamed = {}
         if plan.stream_top_k >= 0:
-            packed = _pack(token_b, live, logp_bv, grounding_bc[rows, j], ground, plan)
+            packed = _pack(token_b, live, logp_bv, token_logp_b, grounding_bc[rows, j], ground,
+                           plan)
             pending = tuple(p.at[i % plan.stream_every].set(x)
                             for p, x in zip(s["pending"], packed))
             stop |= _hand_over(i, pending, knobs, ground, plan)
@@ -447,7 +448,7 @@ def _generate(model: LlavaModel, input_ids, pixel_values, distorted_pixels, atte
             done=stop,
             tokens=s["tokens"].at[:, i].set(token_b),
             valid=s["valid"].at[:, i].set(live),
-            logprobs=s["logprobs"].at[:, i].set(jnp.where(live, logp_bv[rows, token_b], 0.0)),
+            logprobs=s["logprobs"].at[:, i].set(jnp.where(live, token_logp_b, 0.0)),
             entropy=s["entropy"].at[:, i].set(
                 jnp.where(live, -jnp.sum(jnp.exp(logp_bv) * logp_bv, axis=-1), 0.0)),
             scores=s["scores"].at[:, :, i].set(jnp.where(live, scores_gbc[:, rows, j], 0.0)),

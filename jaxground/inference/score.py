@@ -49,3 +49,9 @@ def _score(model: LlavaModel, input_ids, pixel_values, attention_mask, patches) 
                   entropy=jnp.concatenate([first, jnp.where(keep, entropy, 0.0)], 1),
                   grounding=out.grounding, grounding_mask=out.grounding_mask,
                   grounding_scores=out.grounding_scores, patches=out.grounding_patches)
+
+
+def patch_maps(patches_nk, config):
+    """Per-patch scores [..., K] of the image's ViT patches only: without the class token,
+    which the "full" feature strategy keeps among the image tokens."""
+    return patches_nk[..., 1:] if config.vision_feature_select_strategy == "full" else patches_nk
