@@ -128,3 +128,25 @@ def llava_1_5_config(preset: str) -> ml_collections.ConfigDict:
     c.train.save_frozen = False         # frozen weights come back from init_from
     c.train.checkpoint_every = 500
     return c
+
+
+def llava_1_5_lora_config(preset: str, quant: str = "none") -> ml_collections.ConfigDict:
+    """LLaVA-1.5's LoRA recipe (its scripts/v1_5/finetune_lora.sh) with the grounding loss,
+    sized for one GPU: rank 128 / alpha 256 adapters on every linear of the LLM, peak lr
+    2e-4 for them and 2e-5 for the projector, 3% warmup + cosine, no weight decay, full
+    rematerialisation (its gradient checkpointing), 128 rows per update (here 2 rows x 64
+    accumulated micro-batches). `quant` "int8" / "nf4" keeps the frozen LLM linears
+    quantized (QLoRA); see bench/memory_7b.py for what each setting needs."""
+    c = llava_1_5_config(preset)
+    c.model.lora.enabled = True
+    c.model.quant = quant
+    c.model.remat = "full"
+    c.train.trainable = "lora,projector,grounding_heads"
+    c.train.lr = 2e-4
+    c.train.lr_groups = "projector=2e-5"
+    c.train.weight_decay = 0.0
+    c.data.groups_per_batch = 1
+    c.train.grad_accum = 64
+    c.train.warmup_steps = int(0.03 * c.train.steps)
+    return c
+

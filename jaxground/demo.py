@@ -13,7 +13,8 @@ grounded and ungrounded fine-tunes (stage 2) from that one initialisation.
    "... and a blue square"; instance annotations stay true) and a held-out split, with
    another seed, whose reference captions are faithful.
 2. Trains two tiny LLaVAs from the same initialisation and data order: grounding loss
-   weight 1 ("grounded") and 0 ("ungrounded").
+   weight 1 ("grounded") and 0 ("ungrounded"); then fine-tunes the ungrounded one with
+   LoRA and the grounding loss, its base frozen in int8 ("lora": LLaVA's one-GPU recipe).
 3. Evaluates both on held-out images: POPE (random / popular / adversarial), CHAIR on
    generated captions and the token AUROC of the grounding score; the grounded model also
    with grounding-guided decoding ("guided"), the ungrounded one also with visual
@@ -79,6 +80,25 @@ def demo_config(args, train_dir: str, heldout_dir: str, grounding_weight: float,
     cfg.eval.guidance = args.guidance
     cfg.eval.guidance_score = "log_sigmoid"  # only penalise: never reward naming objects
     cfg.eval.limit = args.eval_limit
+    return cfg
+
+
+# The LoRA column: LLaVA's way of fine-tuning on one GPU, at toy scale. The demo's
+# ungrounded model is the base (as a user takes LLaVA-1.5), kept frozen in int8; adapters on
+# the LLM's linears and the grounding heads learn with the grounding loss on.
+LORA = {"rank": 8, "alpha": 16.0, "quant": "int8", "trainable": "lora,grounding_heads"}
+
+
+def lora_config(args, train_dir: str, heldout_dir: str, stage: str | None, base: str):
+    """The LoRA grounding fine-tune of the `base` workdir (`--lora-steps` steps)."""
+    cfg = demo_config(args, train_dir, heldout_dir, 1.0, stage, init_from=base)
+    cfg.model.lora.enabled = True
+    cfg.model.lora.rank, cfg.model.lora.alpha = LORA["rank"], LORA["alpha"]
+    cfg.model.quant = LORA["quant"]
+    cfg.train.trainable = LORA["trainable"]
+    cfg.train.steps = cfg.train.checkpoint_every = args.lora_steps
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, args.lora_steps)
+    cfg.train.eval_every = max(args.lora_steps // 4, 1)
     return cfg
 
 
@@ -185,12 +205,17 @@ def main(argv=None) -> None:
                    help="hard world: stage 1 steps, the projector alone (0: the recipe's, 300)")
     p.add_argument("--compare", default="", help="another demo's folder whose results the "
                    "report shows beside these (e.g. the default world's runs/demo)")
+    p.add_argument("--lora-steps", type=int, default=0, help="steps of the LoRA grounding "
+                   "fine-tune of the ungrounded model (0: a quarter of --steps; -1: skip it)")
     p.add_argument("--quick", action="store_true", help="a tiny run (tests): 30 steps, "
-                   "160 training / 24 held-out images (hard world: 20 + 10 stage steps)")
+                   "160 training / 24 held-out images (hard world: 20 + 10 stage steps; "
+                   "LoRA: 10)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.train_images, args.heldout_images = 30, 160, 24
         args.vision_steps, args.align_steps = 20, 10
+        args.lora_steps = args.lora_steps or 10
+    args.lora_steps = args.lora_steps or max(args.steps // 4, 1)
     logging.basicConfig(level=logging.WARNING)
     from absl import logging as absl_logging
 
@@ -213,6 +238,13 @@ def main(argv=None) -> None:
         results[name] = {"train_seconds": seconds}
     runs = (("grounded", "grounded", False, ""), ("guided", "grounded", True, ""),
             ("ungrounded", "ungrounded", False, ""), ("vcd", "ungrounded", False, "vcd"))
+    if args.lora_steps > 0:
+        print(f"[demo] LoRA grounding fine-tune of the ungrounded model (rank {LORA['rank']}, "
+              f"{LORA['quant']} base, {args.lora_steps} steps)", flush=True)
+        cfg = configs["lora"] = lora_config(args, train_dir, heldout_dir, stage,
+                                            os.path.join(args.out, "ungrounded"))
+        results["lora"] = {"train_seconds": train_model(cfg, os.path.join(args.out, "lora"))}
+        runs += (("lora", "lora", False, ""), ("lora_guided", "lora", True, ""))
     for name, model, guided, contrast in runs:
         print(f"[demo] evaluating {name} on {args.heldout_images} held-out images", flush=True)
         metrics = evaluate_model(configs[model], os.path.join(args.out, model), heldout_dir,
@@ -227,6 +259,7 @@ def main(argv=None) -> None:
                 "steps": args.steps, "seed": args.seed, "train_images": args.train_images,
                 "heldout_images": args.heldout_images, "caption_bias": args.caption_bias,
                 "guidance": args.guidance,
+                "lora": {**LORA, "steps": args.lora_steps} if args.lora_steps > 0 else None,
                 "guidance_top_k": configs["grounded"].eval.guidance_top_k,
                 "vcd": {"alpha": configs["ungrounded"].eval.contrast_alpha,
                         "beta": configs["ungrounded"].eval.contrast_beta,

@@ -12,7 +12,8 @@ from transformers import LlamaConfig
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import LlavaForConditionalGeneration
 
-from jaxground.models.config import GroundingConfig, LlavaConfig, llava_1_5_13b, llava_1_5_7b
+from jaxground.models.config import (LLM_LINEARS, GroundingConfig, LlavaConfig, llava_1_5_13b,
+                                     llava_1_5_7b)
 from jaxground.models.llava import abstract_model, param_dict
 from jaxground.config import (RunConfig, default_config, llava_1_5_config, recipe_config,
                               shapes_config)
@@ -70,6 +71,7 @@ DEFAULTS = {
     "data": {"dir": "", "eval_dir": "", "eval_records": "", "eval_world_images": 200,
              "groups_per_batch": 8, "kinds": "caption,question", "label_attributes": False,
              "max_length": 96, "on_bad_image": "skip", "on_too_long": "drop",
+             "conversations": "", "conversation_images": "", "mixture": "",
              "pad_to_square": False, "records": "", "seed": 0,
              "strategies": "random,popular,adversarial", "template": "hf", "workers": 0,
              "world_images": 2000},
@@ -81,11 +83,14 @@ DEFAULTS = {
              "temperature": 0.07},
     "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
     "model": {"dtype": "float32", "frozen_dtype": "", "init_from": "",
-              "param_dtype": "float32", "preset": "shapes", "remat": "none"},
+              "lora": {"alpha": 256.0, "enabled": False, "rank": 128,
+                       "targets": LLM_LINEARS},
+              "param_dtype": "float32", "preset": "shapes", "quant": "none",
+              "quant_group_size": 0, "quant_targets": LLM_LINEARS, "remat": "none"},
     "train": {"b1": 0.9, "b2": 0.98, "checkpoint_every": 100, "clip_norm": 1.0,
               "debug_nan_steps": "", "end_lr_fraction": 0.1, "eval_batches": 8,
               "eval_every": 0, "grad_accum": 1, "keep_checkpoints": 3, "log_every": 1,
-              "lr": 0.003, "max_bad_steps": 5, "progress": True, "save_frozen": True,
+              "lr": 0.003, "lr_groups": "", "max_bad_steps": 5, "progress": True, "save_frozen": True,
               "seed": 0, "steps": 300, "stop_at": 0, "trainable": ".*", "warmup_steps": 20,
               "weight_decay": 0.0}}
 

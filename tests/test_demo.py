@@ -21,7 +21,7 @@ def test_quick_demo_writes_every_report_file(tmp_path):
     for name in ("report.md", "report.html", "results.json", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"grounded", "guided", "ungrounded", "vcd"}
+    assert set(results) == {"grounded", "guided", "ungrounded", "vcd", "lora", "lora_guided"}
     for model, values in results.items():
         missing = [f for f in FIELDS if values.get(f) is None]
         assert not missing, f"{model} lacks {missing}"
@@ -29,9 +29,17 @@ def test_quick_demo_writes_every_report_file(tmp_path):
     # Training time only for the two trained models; the decoding variants reuse them.
     assert results["grounded"]["train_seconds"] > 0 and results["ungrounded"]["train_seconds"] > 0
     assert "train_seconds" not in results["vcd"] and "train_seconds" not in results["guided"]
+    # The LoRA column: the ungrounded run as the base, int8, adapters + heads trained.
+    assert results["lora"]["train_seconds"] > 0 and "train_seconds" not in results["lora_guided"]
+    assert results["lora_guided"]["pope_adversarial_f1"] == results["lora"]["pope_adversarial_f1"]
+    lora_run = json.loads((out / "lora" / "train_config.json").read_text())
+    assert lora_run["model"]["init_from"] == "../ungrounded"
+    assert lora_run["model"]["lora"]["enabled"] and lora_run["model"]["quant"] == "int8"
+    assert json.loads((out / "lora" / "config.json").read_text())["quant"]["mode"] == "int8"
     report = (out / "report.md").read_text()
     assert "ungrounded (λ = 0)" in report and "grounded (λ = 1)" in report
     assert "ungrounded + VCD" in report
+    assert "ungrounded + LoRA grounding fine-tune" in report and "frozen in int8" in report
     assert "CHAIR_i" in report and "curves.png" in report
     html = (out / "report.html").read_text()
     assert "<table>" in html and "curves.png" in html

@@ -32,7 +32,7 @@ def _metrics(chair_i, recall, auroc, pope=True, seconds=261.5, adversarial=0.798
 def _results(tmp_path, vcd: bool) -> dict:
     """What demo.main hands the report, with two heatmap examples (tiny PNGs) and the runs'
     metrics.jsonl (for the curves)."""
-    for run in ("grounded", "ungrounded"):
+    for run in ("grounded", "ungrounded", "lora"):
         (tmp_path / run).mkdir()
         rows = [{"split": "train", "step": s, "lm_loss": 3.0 / s, "grounding_loss": 1.0 / s}
                 for s in (1, 2, 3)] + [{"split": "eval", "step": 3, "grounding_auroc": 0.9}]
@@ -223,3 +223,27 @@ def test_shapes_captions_use_an_before_vowels(tmp_path):
     labelled = {(r["text"][s:e], lab) for r in records if r["label"] == "positive"
                 and r["image_id"] in phantom for s, e, lab, _ in r["spans"]}
     assert ("an orange ring", 0) in labelled
+
+
+def test_the_lora_column_and_its_targets(tmp_path):
+    """The LoRA fine-tune's columns come last; its targets compare it with the ungrounded
+    base: CHAIR_i <= 0.6x at recall >= 0.9x (plain and guided), POPE-adversarial +5 points."""
+    results = _results(tmp_path, vcd=True)
+    results["lora"] = _metrics(0.06, 0.8, 0.9, adversarial=0.76)   # recall 0.8 < 0.9 * 0.9
+    results["lora_guided"] = _metrics(0.05, 0.9, 0.9, adversarial=0.76, seconds=None)
+    settings = dict(SETTINGS, lora={"rank": 8, "alpha": 16.0, "quant": "int8",
+                                    "trainable": "lora,grounding_heads", "steps": 300})
+    paths = report.demo_report(str(tmp_path), results, settings)
+    md = open(paths["md"], encoding="utf-8").read()
+    header = [c.strip() for c in _table_lines(md)[0].split("|")[1:-1]]
+    assert header[-2:] == ["ungrounded + LoRA grounding fine-tune", "LoRA fine-tune + guided"]
+    assert "frozen in int8, with rank-8 adapters (alpha 16)" in md
+    checks = {what: (ok, nums) for what, ok, nums in report.demo_checks(results)}
+    plain = checks["LoRA fine-tune CHAIR_i ≤ 0.6 × ungrounded at recall ≥ 0.9 ×"]
+    guided = checks["LoRA fine-tune + guided CHAIR_i ≤ 0.6 × ungrounded at recall ≥ 0.9 ×"]
+    pope = checks["LoRA fine-tune POPE-adversarial F1 ≥ ungrounded + 5 points"]
+    assert plain == (False, "CHAIR_i 0.060 vs 0.111, recall 0.800 vs 0.900")
+    assert guided[0] is True and pope == (True, "0.760 (LoRA) vs 0.700 (ungrounded), +6.0 points")
+    del results["lora"]["recall"]
+    assert report.demo_checks(results)[4] == (
+        "LoRA fine-tune CHAIR_i ≤ 0.6 × ungrounded at recall ≥ 0.9 ×", None, "not evaluated")

@@ -148,9 +148,9 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
     if stored != set(model_leaves):  # frozen weights not saved: the base run holds them
         init_from = init_from_of(workdir)
         if is_workdir(init_from):  # a staged recipe: the previous stage's run
-            base = restore_trained_params(init_from, config, None, mesh, cast)
+            base = restore_trained_params(init_from, config.base, None, mesh, cast)
         elif init_from:
-            base = restore_params_for(init_from, config, mesh)
+            base = restore_params_for(init_from, config.base, mesh)
     return merge(merge(base, restored.get("frozen", {})), restored["trainable"])
 
 

@@ -16,6 +16,12 @@ A group always yields two rows, paired: [positive, negative] for captions (a fai
 caption and one of its hallucinated twins) and [yes, no] for POPE-style questions about
 the same image. Row 2i pairs with row 2i+1 in every batch (`pair_index`), as the margin
 loss needs.
+
+LLaVA instruction-tuning conversations (jaxground/data/conversations.py) may be mixed in,
+`conversation_weight : grounding_weight` examples (grain's deterministic interleave of the
+two repeated streams, before the process split: resume stays exact). A conversation
+example has the same shape: [the conversation, a copy outside the LM loss] on its image (a
+zero image for a text-only one, whose rows hold no image tokens), no grounding labels.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import grain
 import numpy as np
 
+from jaxground.data.conversations import Conversations, encode_conversation
 from jaxground.data.processor import IGNORE, BadImageError, Processor
 from jaxground.data.prompts import SHORT_ANSWER_SUFFIX
 
@@ -45,12 +52,21 @@ class PipelineConfig:
     on_too_long: str = "drop"        # "drop" | "error"
     caption_prompt: str = "Describe the image."
     question_suffix: str = SHORT_ANSWER_SUFFIX
+    grounding_weight: float = 1.0    # examples drawn from the grounding pairs ...
+    conversation_weight: float = 0.0  # ... and from the conversations, in this ratio
 
     def __post_init__(self):
         if self.on_bad_image not in ("skip", "error"):
             raise ValueError(f"data.on_bad_image {self.on_bad_image!r}: use 'skip' or 'error'")
         if self.on_too_long not in ("drop", "error"):
             raise ValueError(f"data.on_too_long {self.on_too_long!r}: use 'drop' or 'error'")
+        if min(self.weights) < 0 or not max(self.weights):
+            raise ValueError(f"data.mixture: weights {self.weights} (grounding, conversations) "
+                             "must be >= 0, one of them > 0")
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        return self.grounding_weight, self.conversation_weight
 
 
 def make_groups(records: list[dict]) -> list[dict]:
@@ -77,13 +93,42 @@ class BadImageCounter:
         self.paths: list[str] = []
 
 
-class PairBuilder:
-    """One group -> a two-row example; a masked placeholder when it cannot be used."""
+class ExampleBuilder:
+    """What the builders share: the image (or its skip) and the masked placeholder."""
 
     def __init__(self, processor: Processor, image_root: str, cfg: PipelineConfig,
                  counter: BadImageCounter):
         self.processor, self.image_root, self.cfg, self.counter = (processor, image_root, cfg,
                                                                    counter)
+
+    def pixels(self, path: str, where: str) -> np.ndarray | None:
+        """[C, H, W] of the image at `path`; None (logged, counted) when it cannot be read
+        and `on_bad_image` is "skip"."""
+        try:
+            return self.processor.pixel_values([path])[0]
+        except BadImageError as e:
+            if self.cfg.on_bad_image == "error":
+                raise
+            self.counter.count += 1
+            self.counter.paths.append(path)
+            log.warning("skipping example %s: %s", where, e)
+            return None
+
+    def placeholder(self) -> dict:
+        """A skipped example's stand-in: the caption prompt alone (its labels all ignored,
+        no grounding labels) on a blank image, in neither row's LM loss."""
+        if not hasattr(self, "_placeholder"):
+            from PIL import Image
+
+            row = self.processor.encode(self.cfg.caption_prompt, on_too_long="error")
+            blank = self.processor.pixel_values([Image.new("RGB", (32, 32))])[0]
+            self._placeholder = {"rows": [row, row], "pixel_values": blank,
+                                 "lm_rows": [False, False]}
+        return self._placeholder
+
+
+class PairBuilder(ExampleBuilder):
+    """One group -> a two-row example; a masked placeholder when it cannot be used."""
 
     def _row(self, record: dict) -> dict | None:
         if record["kind"] == "question":
@@ -98,15 +143,8 @@ class PairBuilder:
     def __call__(self, group: dict, rng: np.random.Generator) -> dict | None:
         pos = group["positives"][rng.integers(len(group["positives"]))]
         neg = group["negatives"][rng.integers(len(group["negatives"]))]
-        path = os.path.join(self.image_root, pos["image"])
-        try:
-            pixels = self.processor.pixel_values([path])[0]
-        except BadImageError as e:
-            if self.cfg.on_bad_image == "error":
-                raise
-            self.counter.count += 1
-            self.counter.paths.append(path)
-            log.warning("skipping example %s: %s", group["pair_id"], e)
+        pixels = self.pixels(os.path.join(self.image_root, pos["image"]), group["pair_id"])
+        if pixels is None:
             return self.placeholder()
         rows = [self._row(pos), self._row(neg)]
         if any(r is None for r in rows):  # too long, on_too_long="drop"
@@ -118,17 +156,30 @@ class PairBuilder:
                 "lm_rows": [True, question]}
 
 
-    def placeholder(self) -> dict:
-        """A skipped pair's stand-in: the caption prompt alone (its labels all ignored, no
-        grounding labels) on a blank image, in neither row's LM loss."""
-        if not hasattr(self, "_placeholder"):
-            from PIL import Image
+class ConversationBuilder(ExampleBuilder):
+    """One conversation -> [it, a copy outside the LM loss] on its image (zeros when it
+    has none, as LLaVA gives text-only examples); the placeholder when unusable."""
 
-            row = self.processor.encode(self.cfg.caption_prompt, on_too_long="error")
-            blank = self.processor.pixel_values([Image.new("RGB", (32, 32))])[0]
-            self._placeholder = {"rows": [row, row], "pixel_values": blank,
-                                 "lm_rows": [False, False]}
-        return self._placeholder
+    def __init__(self, conversations: Conversations, processor: Processor, cfg: PipelineConfig,
+                 counter: BadImageCounter):
+        super().__init__(processor, conversations.image_root, cfg, counter)
+        self.conversations = conversations
+
+    def __call__(self, conv) -> dict:
+        where = self.conversations.where(conv)
+        if conv.image is None:
+            pixels = np.zeros_like(self.placeholder()["pixel_values"])
+        else:
+            try:
+                pixels = self.pixels(os.path.join(self.image_root, conv.image), where)
+            except BadImageError as e:
+                raise BadImageError(f"{where}: {e}") from e
+            if pixels is None:
+                return self.placeholder()
+        row = encode_conversation(self.processor, conv, self.cfg.on_too_long, where)
+        if row is None:
+            return self.placeholder()
+        return {"rows": [row, row], "pixel_values": pixels, "lm_rows": [True, False]}
 
 
 def collate(examples: list[dict], max_length: int, pad_id: int,
@@ -184,20 +235,36 @@ class ProcessShard(grain.MapDataset):
 def build_dataset(records: list[dict], processor: Processor, image_root: str,
                   cfg: PipelineConfig, process_index: int | None = None,
                   process_count: int | None = None,
-                  counter: BadImageCounter | None = None) -> grain.IterDataset:
+                  counter: BadImageCounter | None = None,
+                  conversations: Conversations | None = None) -> grain.IterDataset:
     """The batch stream for this JAX process (`cfg.groups_per_batch` is global); `iter()`
-    it, or keep the iterator to checkpoint its state."""
+    it, or keep the iterator to checkpoint its state. `conversations` are mixed in at
+    `cfg.conversation_weight` (to the grounding pairs' `cfg.grounding_weight`)."""
     if process_index is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    groups = make_groups(records)
-    if not groups:
-        raise ValueError("no record groups with both a positive and a negative example")
-    ds = grain.MapDataset.source(groups).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
-    # Pairs are drawn per global index (before sharding): the same for any process count.
-    ds = ds.random_map(PairBuilder(processor, image_root, cfg, counter or BadImageCounter()),
-                       seed=cfg.seed + 1)
+    counter = counter or BadImageCounter()
+    streams = []
+    if cfg.grounding_weight > 0:
+        groups = make_groups(records)
+        if not groups:
+            raise ValueError("no record groups with both a positive and a negative example")
+        ds = grain.MapDataset.source(groups).shuffle(seed=cfg.seed).repeat(cfg.num_epochs)
+        # Pairs are drawn per global index (before sharding): the same for any process count.
+        streams.append(ds.random_map(PairBuilder(processor, image_root, cfg, counter),
+                                     seed=cfg.seed + 1))
+    if cfg.conversation_weight > 0:
+        if conversations is None:
+            raise ValueError("data.mixture gives conversations a weight but no conversations "
+                             "were given (data.conversations)")
+        ds = grain.MapDataset.source(list(conversations.records)).shuffle(seed=cfg.seed + 2)
+        streams.append(ds.repeat(cfg.num_epochs).map(
+            ConversationBuilder(conversations, processor, cfg, counter)))
+    weights = [w for w in cfg.weights if w > 0]
+    # An interleave fixed by the weights (grain's MixedMapDataset): random access, so the
+    # iterator's state stays one index.
+    ds = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
     ds = ProcessShard(ds, process_index, process_count, cfg.groups_per_batch)
     it = ds.to_iter_dataset()
     pad_id = processor.tokenizer.pad_token_id or 0

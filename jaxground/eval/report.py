@@ -182,7 +182,9 @@ def heatmap_pages(model, processor, samples: list[dict], coco_dir: str, settings
 DEMO_MODELS = (("ungrounded", "ungrounded (λ = 0)"),
                ("vcd", "ungrounded + VCD"),
                ("grounded", "grounded (λ = 1)"),
-               ("guided", "grounded + guided"))
+               ("guided", "grounded + guided"),
+               ("lora", "ungrounded + LoRA grounding fine-tune"),
+               ("lora_guided", "LoRA fine-tune + guided"))
 # (key, label, kind); kind picks the cell format (see _cell).
 DEMO_ROWS = (("chair_s", "CHAIR_s (captions with a hallucination) ↓", "fraction"),
              ("chair_i", "CHAIR_i (hallucinated mentions) ↓", "fraction"),
@@ -275,6 +277,11 @@ def demo_checks(results: dict, world: str = "default") -> list[tuple[str, bool |
         return (what, bool(ok(a, b)), nums(a, b))
 
     v = lambda m, k: _value(results, m, k)  # noqa: E731
+
+    def chair_recall(m):
+        pair = (v(m, "chair_i"), v(m, "recall"))
+        return None if None in pair else pair
+
     return [
         check("guided CHAIR_i ≤ half the ungrounded model's",
               v("guided", "chair_i"), v("ungrounded", "chair_i"), lambda d, u: d <= 0.5 * u,
@@ -289,6 +296,19 @@ def demo_checks(results: dict, world: str = "default") -> list[tuple[str, bool |
                            f"{100 * (g - u):+.1f} points"),
         check(f"grounded token AUROC ≥ {auroc_target:g}", v("grounded", "token_auroc"),
               auroc_target, lambda g, t: g >= t, lambda g, t: f"{g:.3f}"),
+        *(check(f"{label} CHAIR_i ≤ 0.6 × ungrounded at recall ≥ 0.9 ×",
+                chair_recall(m), chair_recall("ungrounded"),
+                lambda l, u: l[0] <= 0.6 * u[0] and l[1] >= 0.9 * u[1],
+                lambda l, u: f"CHAIR_i {l[0]:.3f} vs {u[0]:.3f}, recall {l[1]:.3f} vs "
+                             f"{u[1]:.3f}")
+          for m, label in (("lora", "LoRA fine-tune"), ("lora_guided", "LoRA fine-tune + guided"))
+          if m in results),
+        *(check("LoRA fine-tune POPE-adversarial F1 ≥ ungrounded + 5 points",
+                v("lora", "pope_adversarial_f1"), v("ungrounded", "pope_adversarial_f1"),
+                lambda l, u: l >= u + 0.05,
+                lambda l, u: f"{l:.3f} (LoRA) vs {u:.3f} (ungrounded), "
+                             f"{100 * (l - u):+.1f} points")
+          for _ in [0] if "lora" in results),
     ]
 
 
@@ -366,6 +386,12 @@ def _describe(settings: dict) -> str:
                             for k, v in vcd.items()) if isinstance(vcd, dict) else str(vcd))
         text += (" Ungrounded + VCD: the ungrounded model with visual contrastive decoding "
                  f"(Leng et al. 2024), {params}.")
+    lora = settings.get("lora")
+    if lora:
+        text += (f" Ungrounded + LoRA grounding fine-tune: the ungrounded model as the base, "
+                 f"frozen in {lora['quant']}, with rank-{lora['rank']} adapters (alpha "
+                 f"{lora['alpha']:g}) on every linear of the LLM, trained with the grounding "
+                 f"loss ({lora['steps']} steps; trainable: {lora['trainable']}).")
     return text + f" Whole demo: {_seconds(settings['seconds'])}."
 
 
@@ -395,7 +421,7 @@ def demo_report(out: str, results: dict, settings: dict) -> dict:
         json.dump({m: {k: v for k, v in results[m].items()
                        if k not in ("heatmaps", "heatmap_examples")} for m, _ in models},
                   f, indent=1)
-    trained = [m for m in ("grounded", "ungrounded") if m in results]
+    trained = [m for m in ("grounded", "ungrounded", "lora") if m in results]
     training_curves(out, {m: os.path.join(out, m) for m in trained},
                     os.path.join(out, "curves.png"))
     world = settings.get("world", "default")

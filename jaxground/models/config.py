@@ -105,6 +105,52 @@ class GroundingConfig:
                               "indices") from e
 
 
+# The LLM's linear layers (LLaVA's LoRA recipe: every linear of the LLM; not the vision
+# tower, the projector, the heads or lm_head), as a regex searched in parameter paths.
+LLM_LINEARS = r"language_model/layers/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$"
+QUANT_MODES = ("none", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on linear layers: y = x W + (alpha / rank) * (x A) B, A [in, rank]
+    random, B [rank, out] zero (so a fresh adapter leaves the model's outputs unchanged).
+    Defaults are LLaVA-1.5's LoRA recipe (rank 128, alpha 256, the LLM's q/k/v/o and
+    gate/up/down)."""
+
+    enabled: bool = False
+    rank: int = 128
+    alpha: float = 256.0
+    targets: str = LLM_LINEARS   # regex searched in each linear layer's path
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of frozen linear layers, dequantized inside the matmul.
+
+    int8: symmetric absmax, one scale per output channel (`group_size` 0) or per group of
+    `group_size` input rows; nf4: bitsandbytes' 4-bit NormalFloat codes, two per byte, one
+    absmax per block of `group_size` input rows of a column (0: 64, bitsandbytes' block)."""
+
+    mode: str = "none"           # "none" | "int8" | "nf4"
+    group_size: int = 0
+    targets: str = LLM_LINEARS
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def group_for(self, in_features: int) -> int:
+        """Rows per scale for a kernel with `in_features` input rows."""
+        if self.group_size:
+            return self.group_size
+        return 64 if self.mode == "nf4" else in_features
+
+
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -125,6 +171,8 @@ class LlavaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
     remat: str = "none"     # rematerialise layers in the backward: "none" | "full" | "dots"
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
 
     def __post_init__(self):
         self.validate()
@@ -188,6 +236,25 @@ class LlavaConfig:
         dtype_of(self.dtype)
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"remat {self.remat!r} is not 'none', 'full' or 'dots'")
+        self._validate_adapters()
+
+    def _validate_adapters(self) -> None:
+        lora, quant = self.lora, self.quant
+        if lora.enabled and lora.rank <= 0:
+            raise ConfigError(f"lora.rank={lora.rank} must be positive")
+        if lora.enabled and lora.alpha <= 0:
+            raise ConfigError(f"lora.alpha={lora.alpha} must be positive")
+        if quant.mode not in QUANT_MODES:
+            raise ConfigError(f"quant.mode {quant.mode!r} is not one of {list(QUANT_MODES)}")
+        if quant.group_size < 0 or (quant.mode == "nf4" and quant.group_size % 2):
+            raise ConfigError(f"quant.group_size={quant.group_size} must be 0 (the mode's "
+                              "default) or positive (and even for nf4)")
+
+    @property
+    def base(self) -> "LlavaConfig":
+        """This model without adapters or quantization: the layout of the weights a LoRA /
+        quantized model is built from (a converted dir, a base run)."""
+        return self.replace(lora=LoraConfig(), quant=QuantConfig())
 
     def _validate_grounding(self) -> None:
         g, n = self.grounding, self.text.num_layers
@@ -238,7 +305,9 @@ class LlavaConfig:
         grounding = _sub(GroundingConfig, grounding, "grounding")
         if isinstance(d.get("vision_feature_layer"), list):
             d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
-        return cls(vision=vision, text=text, grounding=grounding, **d)
+        lora = _sub(LoraConfig, d.pop("lora", {}), "lora")
+        quant = _sub(QuantConfig, d.pop("quant", {}), "quant")
+        return cls(vision=vision, text=text, grounding=grounding, lora=lora, quant=quant, **d)
 
     # ---- HF config.json -----------------------------------------------------------------
     @classmethod

@@ -15,6 +15,7 @@ from jaxground.models.cache import KVCache
 from jaxground.models.grounding import (DecodeGrounding, aggregate, grounding_inputs,
                                         make_grounding_heads)
 from jaxground.models.llama import LlamaModel, positions_from_mask
+from jaxground.models.adapters import attach_lora, quantize_linears
 from jaxground.models.ops import Linear, model_jit
 
 
@@ -48,13 +49,21 @@ def merge_image_features(embeds_btd, image_mask_bt, features_npd):
 
     The k-th image token of the flattened batch receives the k-th row of the flattened
     features, so image tokens may sit anywhere (LLaVA's prompt puts text before them).
+    With one image per row (N = B) the count restarts in every row instead, which is the
+    same for rows that each hold their image's P tokens and keeps later rows aligned when a
+    row holds none (a text-only conversation in a training batch; HF refuses that batch).
     Static shapes: a cumsum gives each image position its feature row.
     """
     b, t, d = embeds_btd.shape
-    flat_features = features_npd.reshape(-1, d).astype(embeds_btd.dtype)
-    flat_mask = image_mask_bt.reshape(-1)
-    row = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, flat_features.shape[0] - 1)
-    gathered = flat_features[row].reshape(b, t, d)
+    features_npd = features_npd.astype(embeds_btd.dtype)
+    if features_npd.shape[0] == b:
+        slot_bt = jnp.clip(jnp.cumsum(image_mask_bt, axis=1) - 1, 0, features_npd.shape[1] - 1)
+        gathered = jnp.take_along_axis(features_npd, slot_bt[..., None], axis=1)
+    else:
+        flat_features = features_npd.reshape(-1, d)
+        flat_mask = image_mask_bt.reshape(-1)
+        row = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, flat_features.shape[0] - 1)
+        gathered = flat_features[row].reshape(b, t, d)
     return jnp.where(image_mask_bt[..., None], gathered, embeds_btd)
 
 
@@ -92,6 +101,10 @@ class LlavaModel(nnx.Module):
                                       use_bias=False, dtype=dtype_of(config.dtype),
                                       param_dtype=dtype_of(config.param_dtype),
                                       preferred_element_type=jnp.float32, rngs=rngs)
+        if config.lora.enabled:  # adapters before quantization: they are sized by the kernels
+            attach_lora(self, config.lora, rngs)
+        if config.quant.enabled:
+            quantize_linears(self, config.quant)
 
     # ---- pieces -----------------------------------------------------------------------------
     def vision_hidden_states(self, pixel_values_nchw) -> jax.Array:

@@ -77,12 +77,51 @@ def einsum(spec: str, a, b, out_dtype=None):
     return jnp.einsum(spec, a, b, preferred_element_type=pref).astype(out_dtype)
 
 
+class QuantizedWeight(nnx.Variable):
+    """A frozen quantized kernel's codes or scales (never an `nnx.Param`: no optimizer, no
+    trainable filter and no checkpoint of a run ever selects it; it is rebuilt from the base
+    weights at load, see `jaxground.models.adapters`)."""
+
+
 class Linear(nnx.Linear):
     """`nnx.Linear` (same parameters: kernel [in, out], bias) whose matmul follows the rules
-    above."""
+    above, and which may carry (`jaxground.models.adapters`):
+
+    - a quantized kernel instead of `kernel`: `kernel_q` codes and `kernel_scale`
+      (`quant_mode` "int8" | "nf4"), dequantized to the compute dtype for the matmul;
+    - a LoRA adapter: `lora_a` [in, r], `lora_b` [r, out], y += lora_scale * (x A) B.
+    """
+
+    quant_mode: str = "none"
+    lora_scale: float = 0.0  # 0: no adapter
 
     def __init__(self, in_features: int, out_features: int, **kw):
         super().__init__(in_features, out_features, dot_general=dot_general, **kw)
+
+    def weight(self):
+        """The kernel [in, out] as the matmul uses it (dequantized when quantized)."""
+        if self.quant_mode == "none":
+            return self.kernel[...]
+        from jaxground.models.quant import dequantize
+
+        return dequantize(self.kernel_q[...], self.kernel_scale[...], self.quant_mode,
+                          self.dtype or self.param_dtype)
+
+    def __call__(self, inputs, out_sharding=None):
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, self.weight(), bias), dtype=self.dtype)
+        kw = {} if self.preferred_element_type is None else {
+            "preferred_element_type": self.preferred_element_type}
+        contract = (((x.ndim - 1,), (0,)), ((), ()))
+        y = dot_general(x, kernel, contract, precision=self.precision, **kw)
+        if bias is not None:
+            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        if self.lora_scale:
+            a, b = (p[...].astype(x.dtype) for p in (self.lora_a, self.lora_b))
+            h = dot_general(x, a, contract, precision=self.precision)
+            y = y + (dot_general(h, b, contract, precision=self.precision)
+                     * self.lora_scale).astype(y.dtype)
+        return y
 
 
 class Embed(nnx.Embed):

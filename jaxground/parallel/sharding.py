@@ -96,14 +96,28 @@ def _mesh_axes(logical: str | None, mesh) -> tuple[str, ...]:
     return tuple(a for a in target if mesh.shape[a] > 1)
 
 
+# A linear layer's other leaves, placed by its kernel's (in, out) axes: quantized codes as
+# the kernel, scales [in / group, out] and LoRA's B [r, out] along `out`, LoRA's A [in, r]
+# along `in`.
+_KERNEL_DERIVED = {"kernel_q": lambda i, o: (i, o), "kernel_scale": lambda i, o: (None, o),
+                   "lora_a": lambda i, o: (i, None), "lora_b": lambda i, o: (None, o)}
+
+
+def _trailing_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    prefix, _, leaf = path.rpartition("/")
+    if leaf in _KERNEL_DERIVED and ndim == 2:
+        in_axis, out_axis = _trailing_axes(f"{prefix}/kernel", 2)
+        return _KERNEL_DERIVED[leaf](in_axis, out_axis)
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
 def spec_for(path: str, shape: tuple[int, ...], mesh) -> P:
     """PartitionSpec of one parameter from PARAM_AXES and LOGICAL_RULES."""
     stacked = bool(_STACKED.search(path))
-    trailing: tuple[str | None, ...] = (None,) * (len(shape) - stacked)
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path) and len(axes) == len(trailing):
-            trailing = axes
-            break
+    trailing = _trailing_axes(path, len(shape) - stacked)
     logical = (("layers",) if stacked else ()) + tuple(trailing)
     spec = []
     for dim, name in zip(shape, logical):

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from jaxground.models.config import GROUNDING_TYPES, PRESETS, ConfigError, GroundingConfig
+from jaxground.models.config import (GROUNDING_TYPES, LLM_LINEARS, PRESETS, QUANT_MODES,
+                                     ConfigError, GroundingConfig, LoraConfig, QuantConfig)
 from jaxground.parallel.sharding import MESH_AXES
 from jaxground.training.losses import LossConfig
 
@@ -41,16 +43,48 @@ class ModelSettings:
     param_dtype: str = "float32"  # master copy of trainable parameters
     frozen_dtype: str = ""       # e.g. "bfloat16": frozen parameters kept in that dtype
     remat: str = "none"          # "none" | "full" | "dots" (save matmul outputs)
+    # LoRA adapters (jaxground.models.config.LoraConfig: enabled, rank, alpha, targets);
+    # train them with "lora" in train.trainable. Needs `init_from` (the base).
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    quant: str = "none"          # frozen LLM linears stored as "int8" | "nf4" (needs init_from)
+    quant_group_size: int = 0    # rows per scale; 0: int8 per channel, nf4 blocks of 64
+    quant_targets: str = LLM_LINEARS
 
     def __post_init__(self):
         _check(self.remat in ("none", "full", "dots"), "model.remat",
                f"{self.remat!r} is not 'none', 'full' or 'dots'")
+        if isinstance(self.lora, Mapping):  # as read from a ConfigDict / train_config.json
+            known = {f.name for f in dataclasses.fields(LoraConfig)}
+            unknown = sorted(set(self.lora) - known)
+            _check(not unknown, f"model.lora.{unknown[0] if unknown else ''}",
+                   f"not a field of config.model.lora (fields: {sorted(known)})")
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
+        _check(not self.lora.enabled or self.lora.rank > 0, "model.lora.rank",
+               f"{self.lora.rank} must be positive")
+        _check(not self.lora.enabled or self.lora.alpha > 0, "model.lora.alpha",
+               f"{self.lora.alpha} must be positive")
+        _check(self.quant in QUANT_MODES, "model.quant",
+               f"{self.quant!r} is not one of {list(QUANT_MODES)}")
+        _check(self.quant_group_size >= 0 and not (self.quant == "nf4"
+                                                   and self.quant_group_size % 2),
+               "model.quant_group_size", f"{self.quant_group_size}: use 0 (the mode's "
+               "default) or a positive size (even for nf4)")
+        for name, on in (("model.lora.enabled", self.lora.enabled),
+                         ("model.quant", self.quant != "none")):
+            _check(not on or self.init_from, "model.init_from",
+                   f"{name} adapts a base model: set config.model.init_from to it (a "
+                   "converted dir or a training workdir)")
         _check(self.preset in PRESETS or self.preset == "shapes" or self.init_from,
                "model.preset", f"{self.preset!r} is not one of {sorted(PRESETS) + ['shapes']}")
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             _check(value in ("float32", "bfloat16", "float16"), f"model.{name}",
                    f"{value!r} is not float32, bfloat16 or float16")
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(mode=self.quant, group_size=self.quant_group_size,
+                           targets=self.quant_targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +108,38 @@ class DataSettings:
     on_bad_image: str = "skip"
     on_too_long: str = "drop"
     seed: int = 0
+    conversations: str = ""      # LLaVA instruction-tuning .json (llava_v1_5_mix665k.json's
+                                 # format) to mix with the grounding pairs
+    conversation_images: str = ""  # root of its "image" paths ("" = the .json's folder)
+    mixture: str = ""            # examples drawn per source, e.g. "conversations=1,grounding=3"
+                                 # (a source left out: 0); "" = grounding only, or
+                                 # conversations only when there are no grounding records
 
     def __post_init__(self):
         _check(self.groups_per_batch >= 1, "data.groups_per_batch", "must be >= 1")
         _check(self.max_length >= 8, "data.max_length", f"{self.max_length} is too short")
+        self.mixture_weights  # parses, or names the field
+
+    @property
+    def mixture_weights(self) -> dict[str, float]:
+        """`mixture` as {"grounding": w, "conversations": w} ({} for "")."""
+        weights: dict[str, float] = {}
+        for part in (p.strip() for p in self.mixture.split(",") if p.strip()):
+            name, _, value = (x.strip() for x in part.partition("="))
+            _check(name in ("grounding", "conversations") and name not in weights,
+                   "data.mixture", f"{part!r}: give each of 'grounding' and 'conversations' "
+                   "at most once, as name=weight")
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                weights[name] = float("nan")
+            _check(0 <= weights[name] < float("inf"), "data.mixture",
+                   f"{part!r}: the weight must be a number >= 0")
+        _check(not weights or any(weights.values()), "data.mixture",
+               f"{self.mixture!r}: all weights are 0")
+        _check(not weights.get("conversations") or self.conversations, "data.mixture",
+               f"{self.mixture!r} draws conversations but config.data.conversations is empty")
+        return weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +156,11 @@ class TrainSettings:
     clip_norm: float = 1.0
     grad_accum: int = 1
     seed: int = 0
-    trainable: str = ".*"        # comma-separated regexes over parameter paths
+    trainable: str = ".*"        # comma-separated regexes over parameter paths ("lora": the
+                                 # adapters, e.g. "lora,projector,grounding_heads")
+    lr_groups: str = ""          # per-group learning rates, "regex=lr,...": trainable
+                                 # parameters whose path matches take that peak lr (same
+                                 # schedule), e.g. LLaVA's LoRA recipe "projector=2e-5"
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     save_frozen: bool = True
@@ -119,6 +185,26 @@ class TrainSettings:
         _check(self.eval_every >= 0, "train.eval_every", f"{self.eval_every} must be >= 0 "
                "(0: off)")
         self.nan_steps  # parses, or names the field
+        self.lr_group_list  # parses, or names the field
+
+    @property
+    def lr_group_list(self) -> tuple[tuple[str, float], ...]:
+        """`lr_groups` as (regex, peak lr) pairs, in order (the first match wins)."""
+        out = []
+        for item in (x.strip() for x in str(self.lr_groups or "").split(",")):
+            if not item:
+                continue
+            pattern, sep, lr = item.rpartition("=")
+            try:
+                value = float(lr)
+                re.compile(pattern)
+            except (ValueError, re.error) as e:
+                raise ConfigValueError(f"config.train.lr_groups={self.lr_groups!r}: "
+                                       f"{item!r} is not 'regex=learning_rate'") from e
+            _check(bool(sep and pattern) and value > 0, "train.lr_groups",
+                   f"{item!r}: use 'regex=learning_rate' with a positive rate")
+            out.append((pattern, value))
+        return tuple(out)
 
     @property
     def nan_steps(self) -> frozenset[int]:

@@ -132,6 +132,18 @@ def _train_batches(first: dict, rest: Iterator, nan_steps: frozenset[int],
         yield batch
 
 
+def save_frozen(run: TrainRun) -> bool:
+    """Whether checkpoints hold the frozen parameters: `train.save_frozen`, except in an
+    adapter run (LoRA or a quantized base), whose checkpoints hold only what it changes;
+    the base is read from `model.init_from` (and quantized again) at every restore."""
+    if run.model.lora.enabled or run.model.quant != "none":
+        if run.train.save_frozen:
+            log.info("adapter run: checkpoints hold the trained parameters and optimizer "
+                     "state only; the base stays in %s", run.model.init_from)
+        return False
+    return run.train.save_frozen
+
+
 def train(run: TrainRun, workdir: str, extra_hooks: Sequence[Hook] = ()) -> dict:
     """Trains (or resumes: the latest checkpoint in `workdir`) the run described by `run`.
 
@@ -159,10 +171,13 @@ def train(run: TrainRun, workdir: str, extra_hooks: Sequence[Hook] = ()) -> dict
     with jax.set_mesh(mesh):
         graphdef, state, shardings, tx, schedule = setup.train_state(
             run, setup.build_model(run, config, mesh), mesh)
-        checkpointer = Checkpointer(workdir, t.keep_checkpoints, t.save_frozen)
+        checkpointer = Checkpointer(workdir, t.keep_checkpoints, save_frozen(run))
         start = checkpointer.latest_step() or 0
         if start:
-            state = checkpointer.restore(start, setup.abstract(state, shardings), data_iter)
+            restored = checkpointer.restore(start, setup.abstract(state, shardings), data_iter)
+            # Checkpoints without frozen parameters: keep those just read from init_from.
+            state = (restored if checkpointer.save_frozen
+                     else restored.replace(frozen=state.frozen))
             log.info("resumed from step %d", start)
         first = next(data_iter)
         compiled = setup.compile_steps(run, graphdef, tx, schedule, state, shardings, first,

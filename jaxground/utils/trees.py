@@ -8,8 +8,11 @@ import jax
 
 
 def path_string(path) -> str:
-    """'language_model/grounding_heads/scale' for a JAX/NNX key path."""
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+    """'language_model/grounding_heads/scale' for a JAX/NNX key path. An NNX Variable's own
+    `.value` step (the last one in a State's paths) is left out: a parameter's path is the
+    same in a State, its optimizer moments and a pure dict."""
+    return "/".join(str(getattr(k, "key", k)) for k in path
+                    if getattr(k, "name", None) != "value")
 
 
 def leaves_by_path(tree) -> dict[str, Any]:
