@@ -2,7 +2,7 @@
 
   python -m jaxground.evaluate --workdir DIR --task pope|chair|mme|grounding --data PATH \
       [--config configs/X.py] [--step N] [--images DIR] [--out DIR] \
-      [--config.eval.guided=True --config.eval.batch_size=16 ...]
+      [--merge] [--config.eval.guided=True --config.eval.batch_size=16 ...]
 
 DIR is a training workdir (its latest checkpoint, or --step) or a converted checkpoint dir.
 The config defaults to the one the workdir was trained with; a converted checkpoint without
@@ -18,6 +18,8 @@ under --images); mme - the MME benchmark folder.
 Writes OUT (default DIR/eval/<task>, DIR/eval/<task>-guided with eval.guided) with
 samples.jsonl (per-sample outputs), results.json and report.md; grounding also writes
 heatmaps/<image>/index.html. --rescore recomputes results from samples.jsonl alone.
+--merge evaluates a LoRA run with its adapters folded into the weights at load (else they
+are applied as they are: the same numbers up to float rounding, without quantization).
 
 Flags -> config -> `jaxground.eval.settings.EvalSettings` -> `jaxground.eval.runner.run_task`
 (the library, for programs that evaluate).
@@ -48,15 +50,17 @@ def define_flags() -> None:
     flags.DEFINE_string("images", None, "Image folder for POPE question files.")
     flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval/<task>).")
     flags.DEFINE_bool("rescore", False, "Re-score OUT/samples.jsonl; no model.")
+    flags.DEFINE_bool("merge", False, "Fold a LoRA run's adapters into its weights at load.")
 
 
 def evaluate(workdir: str, task: str, data: str, cfg=None, step: int | None = None,
-             images: str | None = None, out: str | None = None, rescore: bool = False) -> dict:
+             images: str | None = None, out: str | None = None, rescore: bool = False,
+             merge: bool = False) -> dict:
     """`jaxground.eval.runner.run_task` under the settings of `cfg` (a run's config), else
     of the config the workdir was trained with, else LLaVA-1.5's protocol; returns the
-    results written to OUT/results.json."""
+    results written to OUT/results.json. `merge`: fold a LoRA run's adapters in at load."""
     return runner.run_task(workdir, task, data, runner.settings_for(workdir, cfg), step=step,
-                           images=images, out=out, rescore=rescore)
+                           images=images, out=out, rescore=rescore, merge=merge)
 
 
 def main(argv) -> None:
@@ -71,7 +75,8 @@ def main(argv) -> None:
     for flag, path in (("--workdir", f.workdir), ("--data", f.data)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path} does not exist")
-    results = evaluate(f.workdir, f.task, f.data, f.config, f.step, f.images, f.out, f.rescore)
+    results = evaluate(f.workdir, f.task, f.data, f.config, f.step, f.images, f.out, f.rescore,
+                       f.merge)
     print(f"protocol {protocols.Protocol(**results['protocol']).describe()}")
     print(report.task_summary(results))
 

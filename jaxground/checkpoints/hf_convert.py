@@ -4,15 +4,18 @@
 (never two copies of the model), validating every key and shape from the file headers before
 any data is read. `jaxground_to_hf` writes safetensors shards + `config.json` in the Hub
 layout, which `LlavaForConditionalGeneration.from_pretrained` loads in every transformers
-version.
+version (a LoRA run's adapters merged in); `jaxground_to_peft` writes a LoRA run as a PEFT
+adapter dir instead. Both map names with `hf_weights`' one table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -20,8 +23,12 @@ import ml_dtypes
 import numpy as np
 
 from jaxground.checkpoints import converted
+from jaxground.checkpoints.converted import read_config
+from jaxground.checkpoints.workdir import trained_paths
 from jaxground.checkpoints.hf_weights import canonical_key, hf_tensors, hub_layout, nnx_target
-from jaxground.models.config import ConfigError, GroundingConfig, LlavaConfig
+from jaxground.models.adapters import LORA_LEAVES
+from jaxground.models.config import (ConfigError, GroundingConfig, LlavaConfig, QuantConfig,
+                                     dtype_of)
 from jaxground.models.llava import abstract_model, fresh_grounding_heads, param_dict
 from jaxground.utils.trees import flatten
 from jaxground.checkpoints.safetensors_io import (HEADS_FILE, SafetensorsFile, iter_checkpoint_files,
@@ -283,19 +290,13 @@ def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30,
     """Writes `config.json` + safetensors shards (+ index when sharded); returns file names.
 
     `ckpt_dir`: a converted dir, or a training workdir (its latest checkpoint, or `step`;
-    the weights it did not save come from its `model.init_from`).
+    the weights it did not save come from its `model.init_from`). A LoRA / quantized run is
+    written as full weights: adapters folded into the base's (never dequantized) kernels,
+    in the base's dtype.
     """
-    from jaxground.checkpoints.restore import restore_params_tree
-
-    config, tree = restore_params_tree(ckpt_dir, step=step)
-    params = {p: np.asarray(v) for p, v in flatten(tree).items()}
-    del tree
+    config, params = export_params(ckpt_dir, step, merge_adapters=True)
     os.makedirs(out_dir, exist_ok=True)
-    heads = {p: params.pop(p) for p in list(params) if p[:2] == HEADS_PREFIX}
-    if heads:  # HF's LLaVA has no heads: they travel in a side file HF ignores
-        write_safetensors(os.path.join(out_dir, HEADS_FILE),
-                          [(".".join(p), v) for p, v in sorted(heads.items())],
-                          {"jaxground_grounding": json.dumps(config.to_dict()["grounding"])})
+    heads = _write_heads(out_dir, config, params)
     tensors = list(hf_tensors(params, hub_layout))
     shards, current, size = [], [], 0
     for name, arr in tensors:
@@ -314,13 +315,155 @@ def jaxground_to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 5 << 30,
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    # Tokenizer / processor files travel along; config.json is written fresh below.
+    _copy_processor_files(ckpt_dir, out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f, indent=2)
+    return names + heads + ["config.json"]
+
+
+def export_params(ckpt_dir: str, step: int | None = None, merge_adapters: bool = True
+                  ) -> tuple[LlavaConfig, dict[tuple[str, ...], np.ndarray]]:
+    """(config, flat host arrays) to export. A LoRA / quantized run is read without
+    quantization (its base's full weights), with its adapters folded in when
+    `merge_adapters` (else kept as `lora_a` / `lora_b` leaves), and written in the base's
+    dtype (its adapters and heads keep theirs)."""
+    from jaxground.checkpoints.restore import restore_params_tree
+
+    saved = read_config(ckpt_dir)
+    base_dtype = None
+    if saved.lora.enabled or saved.quant.enabled:
+        base_dtype = read_config(base_checkpoint(ckpt_dir, saved)).param_dtype
+    config, tree = restore_params_tree(ckpt_dir, config=saved.replace(quant=QuantConfig()),
+                                       step=step, merge_adapters=merge_adapters)
+    params = {p: np.asarray(v) for p, v in flatten(tree).items()}
+    del tree
+    if base_dtype is not None:
+        dtype = np.dtype(dtype_of(base_dtype))
+        for p, v in params.items():
+            if p[:2] != HEADS_PREFIX and p[-1] not in LORA_LEAVES and v.dtype != dtype:
+                params[p] = v.astype(dtype)
+        config = config.replace(param_dtype=base_dtype)
+    return config, params
+
+
+def base_checkpoint(ckpt_dir: str, config: LlavaConfig) -> str:
+    """The base a LoRA / quantized run adapts (its `model.init_from`, resolved); raises
+    naming the field when the run's config does not lead to one."""
+    from jaxground.checkpoints.workdir import TRAIN_CONFIG_FILE, init_from_of, is_workdir
+
+    what = "LoRA adapters" if config.lora.enabled else f"{config.quant.mode} quantization"
+    init_from = init_from_of(ckpt_dir) if is_workdir(ckpt_dir) else ""
+    if not init_from:
+        raise ValueError(f"{ckpt_dir} holds {what} but no base: model.init_from is not set in "
+                         f"its {TRAIN_CONFIG_FILE}")
+    if not os.path.isdir(init_from):
+        raise FileNotFoundError(f"{ckpt_dir}: its base, model.init_from={init_from} (in "
+                                f"{TRAIN_CONFIG_FILE}), does not exist")
+    return init_from
+
+
+def _write_heads(out_dir: str, config: LlavaConfig, params: dict) -> list[str]:
+    """Pops the grounding heads out of `params` into `HEADS_FILE` (HF's LLaVA has no heads:
+    they travel in a side file HF ignores); returns [HEADS_FILE], or [] without heads."""
+    heads = {p: params.pop(p) for p in list(params) if p[:2] == HEADS_PREFIX}
+    if not heads:
+        return []
+    write_safetensors(os.path.join(out_dir, HEADS_FILE),
+                      [(".".join(p), v) for p, v in sorted(heads.items())],
+                      {"jaxground_grounding": json.dumps(config.to_dict()["grounding"])})
+    return [HEADS_FILE]
+
+
+def _copy_processor_files(ckpt_dir: str, out_dir: str) -> None:
+    """Tokenizer / processor files travel along (never over what `out_dir` already holds)."""
     for source in processor_sources(ckpt_dir):
         copy_side_files(source, out_dir, only=PROCESSOR_FILES,
                         exclude=tuple(os.listdir(out_dir)))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
-    return names + ([HEADS_FILE] if heads else []) + ["config.json"]
+
+
+# ---- PEFT adapters -----------------------------------------------------------------------------
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
+
+
+def peft_layout(canonical: str) -> str:
+    """Canonical key -> the module path in `LlavaForConditionalGeneration` (transformers >=
+    4.52), which PEFT's adapter keys and `modules_to_save` name."""
+    head, _, rest = canonical.partition(".")
+    return {"text": "model.language_model.", "vision": _vision_module(),
+            "projector": "model.multi_modal_projector.", "lm_head": "lm_head."}[head] + rest
+
+
+@functools.cache
+def _vision_module() -> str:
+    """The installed transformers' CLIP module path (it lost `vision_model.` in 5.6)."""
+    import transformers
+
+    major_minor = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "model.vision_tower." + ("" if major_minor >= (5, 6) else "vision_model.")
+
+
+def jaxground_to_peft(ckpt_dir: str, out_dir: str, step: int | None = None,
+                      base_name: str | None = None) -> list[str]:
+    """Writes a LoRA run as a PEFT LoRA adapter dir: `adapter_config.json` +
+    `adapter_model.safetensors` (+ the heads' side file), which
+    `peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), out)`
+    loads. BASE: the run's base exported to HF; `base_name` (default: the base checkpoint's
+    path) is recorded as `base_model_name_or_path`.
+
+    Adapters A [in, r], B [r, out] per layer become PEFT's `lora_A.weight` [r, in] and
+    `lora_B.weight` [out, r] (PEFT's scale is lora_alpha / r, as ours); other parameters
+    the run trained (LLaVA's recipe: the projector) travel whole as `modules_to_save`.
+    """
+    saved = read_config(ckpt_dir)
+    if not saved.lora.enabled:
+        raise ValueError(f"{ckpt_dir} has no adapters to export (config.model.lora.enabled is "
+                         "off); export its full weights without --adapter")
+    base = base_checkpoint(ckpt_dir, saved)
+    config, params = export_params(ckpt_dir, step, merge_adapters=False)
+    trained = trained_paths(ckpt_dir, step)
+    os.makedirs(out_dir, exist_ok=True)
+    heads = _write_heads(out_dir, config, params)
+    adapted = {p[:-1] for p in params if p[-1] == "lora_a"}
+    whole = {p[:-1] for p in trained if p[-1] not in LORA_LEAVES and p[:2] != HEADS_PREFIX}
+    if adapted & whole:
+        raise ValueError(f"{ckpt_dir} trained both adapters and the full weights of "
+                         f"{', '.join(sorted('/'.join(m) for m in adapted & whole))}, which "
+                         "PEFT cannot express; export merged full weights without --adapter")
+    tensors = []
+    for module in sorted(adapted):
+        for leaf, peft_name in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            # An adapter matrix maps like the kernel it adapts: [.., in, r] -> [r, in] per layer.
+            for key, arr in hf_tensors({module + ("kernel",): params[module + (leaf,)]},
+                                       peft_layout):
+                tensors.append((f"{PEFT_PREFIX}{key.removesuffix('.weight')}."
+                                f"{peft_name}.weight", arr))
+    targets = sorted({_any_layer(k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0])
+                      for k, _ in tensors})
+    modules = list(hf_tensors({p: v for p, v in params.items() if p[:-1] in whole},
+                              peft_layout))
+    tensors += [(PEFT_PREFIX + k, v) for k, v in modules]
+    write_safetensors(os.path.join(out_dir, ADAPTER_WEIGHTS), tensors)
+    alpha = saved.lora.alpha
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "r": saved.lora.rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        # PEFT fullmatches a string against each module's path: exactly the adapted ones.
+        "target_modules": "|".join(targets),
+        "modules_to_save": sorted({k.rsplit(".", 1)[0] for k, _ in modules}) or None,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": base_name or os.path.abspath(base),
+    }
+    with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    _copy_processor_files(ckpt_dir, out_dir)
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + heads
+
+
+def _any_layer(module: str) -> str:
+    """A module path as a regex matching it in every layer: `a.3.b` -> `a\\.\\d+\\.b`."""
+    return r"\.\d+\.".join(re.escape(part) for part in re.split(r"\.\d+\.", module))
 
 
 def saved_grounding_config(hf_dir: str) -> GroundingConfig | None:

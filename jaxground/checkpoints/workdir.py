@@ -154,6 +154,14 @@ def restore_trained_params(workdir: str, config: LlavaConfig, step: int | None =
     return merge(merge(base, restored.get("frozen", {})), restored["trainable"])
 
 
+def trained_paths(workdir: str, step: int | None = None) -> set[tuple[str, ...]]:
+    """The parameters a run trained: its checkpoint's `trainable` part (latest, or `step`)."""
+    with _read_only(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))) as mgr:
+        step = mgr.latest_step() if step is None else step
+        meta = mgr.item_metadata(step)["state"]
+    return {tuple(p.split("/")) for p in leaves_by_path(meta["trainable"])}
+
+
 def read_train_config(workdir: str) -> dict | None:
     """The run's config as saved (train_config.json), or None if there is none."""
     path = os.path.join(workdir, TRAIN_CONFIG_FILE)

@@ -62,14 +62,16 @@ def settings_for(checkpoint: str, given_cfg=None) -> EvalSettings:
     return EvalSettings(protocol="llava_1_5")
 
 
-def load_model(checkpoint: str, settings: EvalSettings, step: int | None):
+def load_model(checkpoint: str, settings: EvalSettings, step: int | None,
+               merge: bool = False):
     """The model placed on the settings' mesh (parameters sharded by the logical-axis
     table; activations follow the parameters), in `dtype` when set; and the mesh. The
     decoder is unrolled: evaluation is mostly decoding, whose steps then read each layer's
-    weights in place (mid config, batch 8: 28 -> 18 ms a step; see the README)."""
+    weights in place (mid config, batch 8: 28 -> 18 ms a step; see the README). `merge`
+    folds a LoRA run's adapters into its weights (else they are applied as they are)."""
     mesh = sharding.make_mesh(dict(settings.mesh))
     return restore_model(checkpoint, dtype=settings.dtype or None, step=step, mesh=mesh,
-                         layout="unrolled"), mesh
+                         layout="unrolled", merge_adapters=merge), mesh
 
 
 def load_eval_processor(checkpoint: str, settings: EvalSettings, config) -> Processor:
@@ -186,9 +188,9 @@ def output_dir(checkpoint: str, task: str, data: str, settings: EvalSettings) ->
 
 def run_task(checkpoint: str, task: str, data: str, settings: EvalSettings, *,
              step: int | None = None, images: str | None = None, out: str | None = None,
-             rescore: bool = False) -> dict:
+             rescore: bool = False, merge: bool = False) -> dict:
     """Runs (or, with `rescore`, re-scores) one task; returns the results written to
-    OUT/results.json."""
+    OUT/results.json. `merge`: a LoRA run's adapters are folded into its weights at load."""
     if task not in tasks.TASKS:
         raise ValueError(f"task {task!r} is not one of {list(tasks.TASKS)}")
     if not os.path.isdir(checkpoint):
@@ -209,10 +211,12 @@ def run_task(checkpoint: str, task: str, data: str, settings: EvalSettings, *,
         samples, stats = read_jsonl(samples_path), _kept_stats(out)
     else:
         task_inputs = task_data(task, data, settings, images, out)
-        model, mesh = load_model(checkpoint, settings, step)
+        model, mesh = load_model(checkpoint, settings, step, merge)
         with jax.set_mesh(mesh):
             samples, stats = run_samples(model, processor, task_inputs, settings, data,
                                          decode_settings(settings, task))
+        if config.lora.enabled:
+            stats["adapters"] = "merged" if merge else "applied"
         write_jsonl(samples, samples_path)
         if task in ("pope", "mme"):  # LLaVA's answer-file format, for its scripts too
             write_jsonl(tasks.llava_answers(task, samples), os.path.join(out, ANSWERS_FILE))
@@ -243,7 +247,7 @@ def _kept_stats(out: str) -> dict:
     with open(path) as f:
         old = json.load(f)
     keep = ("step", "seconds", "new_tokens", "tokens_per_s", "decode", "teacher_forced",
-            "heatmaps", "heatmap_examples")
+            "heatmaps", "heatmap_examples", "adapters")
     return {k: old[k] for k in keep if k in old}
 
 
