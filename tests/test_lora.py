@@ -332,3 +332,23 @@ def test_the_7b_lora_recipe_has_llava_s_adapter_count_and_nf4_codes():
     assert q.shape == (32, 11008 // 2, 4096) and q.dtype == jnp.uint8
     assert codes[("language_model", "layers", "mlp", "down_proj", "kernel_scale")].shape == (
         32, 11008 // 64, 4096)
+
+
+def test_evaluation_quantizes_at_load(tiny_base):
+    """eval.quant loads any checkpoint with its LLM linears quantized (its own output dir);
+    a bad value names the field."""
+    from jaxground.eval import runner
+    from jaxground.eval.settings import EvalConfigError, EvalSettings
+    from jaxground.models.ops import QuantizedWeight
+
+    settings = EvalSettings(quant="nf4")
+    model, _ = runner.load_model(tiny_base, settings, None)
+    assert model.config.quant.mode == "nf4"
+    codes = flatten(nnx.to_pure_dict(nnx.state(model, QuantizedWeight)))
+    assert {k[-1] for k in codes} == {"kernel_q", "kernel_scale"}
+    assert runner.output_dir(tiny_base, "pope", "x.json", settings).endswith("pope-nf4")
+    want = logits(restore_model(tiny_base, config=read_config(tiny_base).replace(
+        quant=QuantConfig(mode="nf4"))), model.config)
+    np.testing.assert_array_equal(logits(model, model.config), want)
+    with pytest.raises(EvalConfigError, match="quant"):
+        EvalSettings.from_config_dict({"eval": {"quant": "int4"}})

@@ -70,8 +70,12 @@ def load_model(checkpoint: str, settings: EvalSettings, step: int | None,
     weights in place (mid config, batch 8: 28 -> 18 ms a step; see the README). `merge`
     folds a LoRA run's adapters into its weights (else they are applied as they are)."""
     mesh = sharding.make_mesh(dict(settings.mesh))
-    return restore_model(checkpoint, dtype=settings.dtype or None, step=step, mesh=mesh,
-                         layout="unrolled", merge_adapters=merge), mesh
+    config = None
+    if settings.quant:  # quantized at load, whatever the checkpoint holds
+        config = read_config(checkpoint)
+        config = config.replace(quant=dataclasses.replace(config.quant, mode=settings.quant))
+    return restore_model(checkpoint, config=config, dtype=settings.dtype or None, step=step,
+                         mesh=mesh, layout="unrolled", merge_adapters=merge), mesh
 
 
 def load_eval_processor(checkpoint: str, settings: EvalSettings, config) -> Processor:
@@ -183,7 +187,8 @@ def output_dir(checkpoint: str, task: str, data: str, settings: EvalSettings) ->
     guided = settings.guided and task in ("chair", "grounding") and os.path.isdir(data)
     contrast = settings.contrast
     return os.path.join(checkpoint, "eval", task + ("-guided" if guided else "")
-                        + (f"-{contrast}" if contrast else ""))
+                        + (f"-{contrast}" if contrast else "")
+                        + (f"-{settings.quant}" if settings.quant else ""))
 
 
 def run_task(checkpoint: str, task: str, data: str, settings: EvalSettings, *,

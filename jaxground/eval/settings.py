@@ -35,6 +35,8 @@ class EvalSettings:
     template: str = ""            # prompt format override: "hf" | "vicuna_v1"
     image_aspect_ratio: str = ""  # "pad" (LLaVA's expand2square) | "crop"
     dtype: str = ""               # "" = the checkpoint's; float32 | bfloat16 | float16 (LLaVA)
+    quant: str = ""               # "" = the checkpoint's; "int8" | "nf4": the LLM's linears
+                                  # quantized at load (a 7B in ~7 / ~4 GB of weights)
     batch_size: int = 8
     max_new_tokens: int = 0       # captions (chair, grounding); 0 = the protocol's (512)
     answer_tokens: int = 0        # short answers (pope, mme); 0 = the protocol's (128)
@@ -129,6 +131,8 @@ def _validate(e: EvalSettings) -> None:
            f"{e.guidance_score!r} is not 'logit' or 'log_sigmoid'")
     _check(e.dtype in ("", "float32", "bfloat16", "float16"), "dtype",
            f"{e.dtype!r} is not '', float32, bfloat16 or float16")
+    _check(e.quant in ("", "none", "int8", "nf4"), "quant",
+           f"{e.quant!r} is not '', none, int8 or nf4")
     _check(e.contrast in ("", "vcd"), "contrast", f"{e.contrast!r} is not '' or 'vcd'")
     _check(not (e.contrast and e.guided), "contrast",
            "contrastive decoding and grounding guidance cannot be combined")

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxground.models.config import VisionConfig, dtype_of
 from jaxground.models.layers import scan_layers, stack_layers
-from jaxground.models.ops import Linear, attention
+from jaxground.models.ops import Linear, attention, shard_rows
 
 
 def quick_gelu(x):
@@ -107,7 +107,8 @@ class ClipVisionModel(nnx.Module):
 
         outputs, done = {0: x_nsd}, 0
         for idx in sorted(set(hidden_state_indices)):
-            x_nsd, _ = scan_layers(self.layers, x_nsd, lambda layer, c, _: (layer(c), None),
+            x_nsd, _ = scan_layers(self.layers, shard_rows(x_nsd),
+                                   lambda layer, c, _: (shard_rows(layer(c)), None),
                                    done, idx, remat=self.remat)
             outputs[idx], done = x_nsd, idx
         return [outputs[i] for i in hidden_state_indices]

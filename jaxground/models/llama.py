@@ -22,7 +22,7 @@ from jaxground.models.cache import KVCache, LayerCache
 from jaxground.models.grounding import (DecodeGrounding, GroundingInputs, apply_head,
                                         apply_head_decode, make_grounding_heads)
 from jaxground.models.layers import scan_layers, stack_layers, unstack_layers
-from jaxground.models.ops import Embed, Linear, attention, einsum
+from jaxground.models.ops import Embed, Linear, attention, einsum, shard_rows
 
 
 class RMSNorm(nnx.Module):
@@ -262,13 +262,14 @@ class LlamaModel(nnx.Module):
         every layer's keys and values (prefill), `return_patches` the heads' per-patch scores
         (heatmaps)."""
         cfg = self.config
-        x_btd = inputs_embeds_btd.astype(self.compute_dtype)
+        x_btd = shard_rows(inputs_embeds_btd.astype(self.compute_dtype))
         cos, sin = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, x_btd.dtype)
         mask = attention_mask(attention_mask_bt)
         keep = (lambda kv: kv) if return_kv else (lambda kv: None)
 
         def body(layer, head, g, x, l):
             x, kv = layer(x, cos, sin, mask)
+            x = shard_rows(x)
             if head is None:
                 return x, (keep(kv), None)
             x, logits_bt, image_bkd, *patch = apply_head(head, ground, x, return_patches)

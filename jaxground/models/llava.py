@@ -16,7 +16,7 @@ from jaxground.models.grounding import (DecodeGrounding, aggregate, grounding_in
                                         make_grounding_heads)
 from jaxground.models.llama import LlamaModel, positions_from_mask
 from jaxground.models.adapters import attach_lora, quantize_linears
-from jaxground.models.ops import Linear, model_jit
+from jaxground.models.ops import Linear, model_jit, shard_rows
 
 
 @struct.dataclass
@@ -121,9 +121,10 @@ class LlavaModel(nnx.Module):
     def logits(self, hidden_btd) -> jax.Array:
         """[B, T, V] in fp32 whatever the compute dtype: the matmul accumulates in fp32
         anyway, and a bf16 copy would be one more [B, T, V] buffer."""
+        hidden_btd = shard_rows(hidden_btd)
         if self.config.tie_word_embeddings:
-            return self.language_model.embed_tokens.attend(hidden_btd)
-        return self.lm_head(hidden_btd)
+            return shard_rows(self.language_model.embed_tokens.attend(hidden_btd))
+        return shard_rows(self.lm_head(hidden_btd))
 
     # ---- forward ----------------------------------------------------------------------------
     def __call__(self, input_ids, pixel_values=None, attention_mask=None,

@@ -98,22 +98,38 @@ class Linear(nnx.Linear):
     def __init__(self, in_features: int, out_features: int, **kw):
         super().__init__(in_features, out_features, dot_general=dot_general, **kw)
 
-    def weight(self):
-        """The kernel [in, out] as the matmul uses it (dequantized when quantized)."""
+    def weight(self, codes=None, scale=None):
+        """The kernel [in, out] as the matmul uses it (dequantized when quantized, from
+        `codes` / `scale` when given)."""
         if self.quant_mode == "none":
             return self.kernel[...]
         from jaxground.models.quant import dequantize
 
-        return dequantize(self.kernel_q[...], self.kernel_scale[...], self.quant_mode,
-                          self.dtype or self.param_dtype)
+        return dequantize(self.kernel_q[...] if codes is None else codes,
+                          self.kernel_scale[...] if scale is None else scale,
+                          self.quant_mode, self.dtype or self.param_dtype)
 
     def __call__(self, inputs, out_sharding=None):
         bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((inputs, self.weight(), bias), dtype=self.dtype)
         kw = {} if self.preferred_element_type is None else {
             "preferred_element_type": self.preferred_element_type}
-        contract = (((x.ndim - 1,), (0,)), ((), ()))
-        y = dot_general(x, kernel, contract, precision=self.precision, **kw)
+        contract = (((inputs.ndim - 1,), (0,)), ((), ()))
+
+        def matmul(x, kernel):
+            return dot_general(x, kernel, contract, precision=self.precision, **kw)
+
+        if self.quant_mode == "none":
+            x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias),
+                                                 dtype=self.dtype)
+            y = matmul(x, kernel)
+        else:
+            # The backward needs W for dx. Saved, the dequantized W would be a 16-bit copy
+            # of every quantized weight held for the backward (7B, remat none: 12 GiB, all
+            # that int8 / nf4 saved); recomputed from the codes, it is one layer's at a time.
+            x, bias = self.promote_dtype((inputs, bias), dtype=self.dtype)
+            y = jax.checkpoint(lambda x, codes, scale: matmul(x, self.weight(codes, scale)),
+                               policy=jax.checkpoint_policies.nothing_saveable)(
+                x, self.kernel_q[...], self.kernel_scale[...])
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         if self.lora_scale:
@@ -132,6 +148,33 @@ class Embed(nnx.Embed):
         query_btd = query_btd.astype(table_vd.dtype)
         return dot_general(query_btd, table_vd, (((query_btd.ndim - 1,), (1,)), ((), ())),
                            preferred_element_type=F32)
+
+
+# ---- activation sharding ---------------------------------------------------------------------
+# The mesh axes a batch's rows are split over: parallel.sharding's "batch" rule, which takes
+# it from here (models sit left of parallel in the import chain).
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def shard_rows(x):
+    """`x` [B, ...] kept split by rows over the current mesh's batch axes (`jax.set_mesh`);
+    unchanged without a mesh, or when those axes do not divide B.
+
+    Parameters carry shardings, activations do not: under fsdp, XLA's propagation would
+    otherwise split a layer's matmul along the weight's sharded axis, gathering every row's
+    activations on every device and summing partial products (7B, fsdp 8: each device held
+    the whole global batch's [B, T, 11008] MLP activations and [B, T, V] logits) instead
+    of gathering each layer's weights, as fsdp means to."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    P = jax.sharding.PartitionSpec
+    # Only the rows are pinned: the other dims stay XLA's to choose (tensor parallelism).
+    spec = P(axes if len(axes) > 1 else axes[0], *([P.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 # ---- compilation ----------------------------------------------------------------------------

@@ -16,12 +16,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxground.models.ops import BATCH_MESH_AXES
 from jaxground.utils.trees import path_string
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": BATCH_MESH_AXES,    # what the model's activations keep (models.ops.shard_rows)
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",

@@ -32,6 +32,7 @@ from jaxground.training.config import ConfigValueError, TrainRun
 from jaxground.training.optim import make_optimizer, trainable_filter
 from jaxground.training.step import BATCH_KEYS, compile_step, eval_fn, init_state, make_step_fn
 from jaxground.utils.jsonl import read_jsonl
+from jaxground.utils.trees import path_string
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,12 @@ def train_state(run: TrainRun, model, mesh):
                                  run.train.seed)
     if run.model.frozen_dtype:
         frozen_dtype = jnp.dtype(run.model.frozen_dtype)
-        state = state.replace(frozen=jax.tree.map(
-            lambda a: a.astype(frozen_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-            state.frozen))
+        # Quantization scales stay fp32 (as bitsandbytes keeps its absmax): they are 1/64 of
+        # an nf4 kernel's size at most, and bf16 scales would coarsen every weight.
+        state = state.replace(frozen=jax.tree_util.tree_map_with_path(
+            lambda p, a: a.astype(frozen_dtype)
+            if jnp.issubdtype(a.dtype, jnp.floating)
+            and not path_string(p).endswith("kernel_scale") else a, state.frozen))
     shardings = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
     n_train = sum(x.size for x in jax.tree.leaves(state.trainable))
