@@ -35,7 +35,7 @@ def test_quick_demo_writes_every_report_file(tmp_path):
     lora_run = json.loads((out / "lora" / "train_config.json").read_text())
     assert lora_run["model"]["init_from"] == "../ungrounded"
     assert lora_run["model"]["lora"]["enabled"] and lora_run["model"]["quant"] == "int8"
-    assert json.loads((out / "lora" / "config.json").read_text())["quant"]["mode"] == "int8"
+    assert json.loads((out / "lora" / "jaxground_config.json").read_text())["quant"]["mode"] == "int8"
     report = (out / "report.md").read_text()
     assert "ungrounded (λ = 0)" in report and "grounded (λ = 1)" in report
     assert "ungrounded + VCD" in report
