@@ -19,6 +19,11 @@ different lengths; it reports new tokens/s of both and their ratio (goal: jaxgro
 share of generated tokens identical to HF's, and the cost per step of grounding-guided
 decoding (--guidance 1.0, --guidance-top-k 5) vs plain greedy. Whole calls are timed (prefill
 included); calls with 1 new token also give the decode step alone, (t(N) - t(1)) / (N - 1).
+`lora_step`: one AdamW step on LoRA adapters (--lora-rank 64, alpha 2 x rank, the LLM's 7
+linears), the real jaxground step vs HF + PEFT, plus its GFLOP/s as a share of the matmul
+rate. `int8_decode`: batch-1 greedy decoding with int8 / nf4 frozen LLM linears vs our fp32,
+each decode step against the memory floor of the bytes that model reads, the compiled
+program's temporaries, and bench-only formulations of the int8 matmul (--int8-variants).
 
 Timing: after warm-up (which includes XLA compilation), the frameworks are run alternately
 (A B, B A, ...) with a short pause before each call, so that a load change on the machine
@@ -365,6 +370,23 @@ def training_model(path: str, compute_dtype: str):
     return model
 
 
+def train_batch(cfg, args):
+    """(ids, mask, pixels, the train step's batch): LM labels on every text token, grounding
+    labels (0/1) on a fifth of them, each row its own image."""
+    ids, mask, px = make_inputs(args.batch, args.text_tokens, cfg.image_seq_length,
+                                cfg.vision.image_size)
+    labels = np.where(ids == IMAGE_TOKEN, -100, ids)
+    rng = np.random.default_rng(1)
+    g_labels = np.where((ids != IMAGE_TOKEN) & (rng.random(ids.shape) < 0.2),
+                        rng.integers(0, 2, ids.shape), -1)
+    batch = {k: jax.numpy.asarray(v) for k, v in dict(
+        input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels,
+        grounding_labels=g_labels, lm_rows=np.ones(args.batch, bool),
+        is_positive=np.ones(args.batch, bool),
+        pair_index=-np.ones(args.batch, np.int32)).items()}
+    return ids, mask, px, batch
+
+
 def forward_flops(cfg, batch: int, seq: int) -> float:
     """Multiply-adds x 2 of the LLaVA forward without heads, one image per row, attention
     over all T x T pairs (what both implementations compute; XLA's own cost analysis counts a
@@ -398,17 +420,7 @@ def bench_train_step(ctx: dict, args) -> dict:
     from jaxground.training.step import init_state, make_step_fn
 
     cfg = ctx["config"]
-    ids, mask, px = make_inputs(args.batch, args.text_tokens, cfg.image_seq_length,
-                                cfg.vision.image_size)
-    labels = np.where(ids == IMAGE_TOKEN, -100, ids)
-    rng = np.random.default_rng(1)
-    g_labels = np.where((ids != IMAGE_TOKEN) & (rng.random(ids.shape) < 0.2),
-                        rng.integers(0, 2, ids.shape), -1)
-    batch = {k: jax.numpy.asarray(v) for k, v in dict(
-        input_ids=ids, attention_mask=mask, pixel_values=px, labels=labels,
-        grounding_labels=g_labels, lm_rows=np.ones(args.batch, bool),
-        is_positive=np.ones(args.batch, bool),
-        pair_index=-np.ones(args.batch, np.int32)).items()}
+    ids, mask, px, batch = train_batch(cfg, args)
     train_cfg = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, steps=1000,
                                                end_lr_fraction=0.1, b1=0.9, b2=0.999,
                                                weight_decay=0.0, clip_norm=1e9, grad_accum=1))
@@ -625,8 +637,395 @@ def bench_generate(ctx: dict, args) -> dict:
     return out
 
 
+# ---- LoRA train step ---------------------------------------------------------------------------
+HF_LORA_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|"
+                   r"down_proj)")  # the LLM's 7 linears only (CLIP also has q/k/v_proj)
+
+
+def lora_model(path: str, compute_dtype: str, rank: int, alpha: float):
+    """The converted model at `path` with fresh LoRA adapters (B = 0) on the LLM's q/k/v/o
+    and gate/up/down, fp32 parameters computing in `compute_dtype`."""
+    from jaxground.checkpoints.converted import read_config
+    from jaxground.checkpoints.restore import restore_model
+    from jaxground.models.config import LoraConfig
+    cfg = read_config(path).replace(lora=LoraConfig(enabled=True, rank=rank, alpha=alpha),
+                                    dtype=compute_dtype, param_dtype="float32")
+    return restore_model(path, config=cfg)
+
+
+def lora_step_flops(cfg, batch: int, seq: int, rank: int) -> float:
+    """Multiply-adds x 2 of a LoRA step without heads: the full forward (`forward_flops`) and
+    the adapters' forward; backward through the LLM only (nothing below it trains): the
+    activation gradients of every frozen linear, attention and lm_head (1x their forward; 2x
+    for attention's two matmuls) and the adapters' weight + activation gradients (2x)."""
+    t = cfg.text
+    d, f = t.hidden_size, t.intermediate_size
+    q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    pairs = [(d, q_out), (d, kv_out), (d, kv_out), (q_out, d), (d, f), (d, f), (f, d)]
+    tokens = batch * seq * t.num_layers
+    base_linear = 2.0 * tokens * sum(i * o for i, o in pairs)
+    lora = 2.0 * tokens * rank * sum(i + o for i, o in pairs)
+    attention = 2.0 * tokens * 2 * seq * t.num_heads * t.head_dim
+    lm_head = 2.0 * batch * seq * d * t.vocab_size
+    return (forward_flops(cfg, batch, seq) + lora
+            + base_linear + 2 * attention + lm_head + 2 * lora)
+
+
+def bench_lora_step(ctx: dict, args) -> dict:
+    """One AdamW step on LoRA adapters only (rank --lora-rank, alpha --lora-alpha, on the
+    LLM's q/k/v/o/gate/up/down; CLIP, projector and the LLM frozen): the real jaxground step
+    (`make_step_fn` on `trainable_filter("lora")`, jitted and donating, LM loss) vs HF +
+    PEFT (`get_peft_model(LoraConfig(r, lora_alpha, target_modules=the same 7, dropout 0))`,
+    torch.optim.AdamW on the adapters). Same batch as `train_step`. The like-for-like pair
+    is the model without heads, grounding_weight 0; the default model adds its similarity
+    heads and the BCE grounding loss (its adapters get that gradient too)."""
+    import ml_collections
+    import peft
+
+    from jaxground.training.losses import LossConfig
+    from jaxground.training.optim import make_optimizer, trainable_filter
+    from jaxground.training.step import init_state, make_step_fn
+
+    cfg, rank = ctx["config"], args.lora_rank
+    alpha = args.lora_alpha or 2.0 * rank  # LLaVA's recipe: alpha = 2 x rank (128 / 256)
+    ids, mask, px, batch = train_batch(cfg, args)
+    train_cfg = ml_collections.ConfigDict(dict(lr=2e-4, warmup_steps=0, steps=1000,
+                                               end_lr_fraction=0.1, b1=0.9, b2=0.999,
+                                               weight_decay=0.0, clip_norm=1e9, grad_accum=1))
+
+    def jax_step(model, grounding_weight):
+        tx, schedule = make_optimizer(train_cfg)
+        graphdef, state = init_state(model, trainable_filter("lora"), tx, 0)
+        n_train = sum(x.size for x in jax.tree.leaves(state.trainable))
+        step = jax.jit(make_step_fn(graphdef, tx, LossConfig(grounding_weight), schedule),
+                       donate_argnums=(0,))
+        holder = {"state": state, "n_train": n_train}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], batch)
+            return jax.block_until_ready(metrics)
+        run.holder = holder
+        return run
+
+    hf = LlavaForConditionalGeneration.from_pretrained(
+        ctx["hf_dir"], attn_implementation=args.attn, dtype=torch.float32)
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules=HF_LORA_TARGETS, bias="none"))
+    hf.train()
+    n_hf_lora = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in hf.modules())
+    hf_params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(hf_params, lr=2e-4, weight_decay=0.0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    ids_t, mask_t, px_t, labels_t = map(torch.from_numpy, (ids, mask, px, labels))
+
+    def hf_step():
+        torch.set_grad_enabled(True)
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = hf(input_ids=ids_t, attention_mask=mask_t, pixel_values=px_t,
+                      labels=labels_t, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        return loss
+
+    fns = {}
+    if "jg_plain" in ctx["jg_dirs"]:
+        fns["jaxground_no_heads"] = jax_step(lora_model(ctx["jg_dirs"]["jg_plain"],
+                                                        args.dtype, rank, alpha), 0.0)
+    fns["hf"] = hf_step
+    fns["jaxground"] = jax_step(lora_model(ctx["jg_dirs"]["jg"], args.dtype, rank, alpha), 1.0)
+    # First calls (jaxground: tracing + compile): the step-0 LM losses must agree (B = 0).
+    first_s, loss0 = {}, {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        res = fn()
+        first_s[k] = round(time.perf_counter() - t0, 2)
+        loss0[k] = float(res.item() if k == "hf" else res["lm_loss"])
+    t = time_interleaved(fns, args.repeats, args.warmup)
+    torch.set_grad_enabled(False)
+    like = "jaxground_no_heads" if "jaxground_no_heads" in t else "jaxground"
+    flops = lora_step_flops(cfg, args.batch, ids.shape[1], rank)
+    peak = ctx["limits"][PEAK_KEY[args.dtype]]
+    out = {
+        "workload": (f"LoRA r={rank} alpha={alpha:g} on q/k/v/o/gate/up/down of the LLM, "
+                     f"AdamW on adapters only, fp32 parameters, {args.dtype} compute, "
+                     f"B={args.batch} T={ids.shape[1]}"),
+        "rank": rank, "alpha": alpha,
+        "jaxground_trainable_params": fns[like].holder["n_train"],
+        "hf_trainable_params": sum(p.numel() for p in hf_params),
+        "hf_lora_layers": n_hf_lora,
+        "step0_lm_loss": {k: round(v, 5) for k, v in loss0.items()},
+        "first_call_s": first_s,
+        # The like-for-like row (no heads, LM loss only) is the headline ratio here.
+        "jaxground_ms": t[like]["median_ms"], "hf_ms": t["hf"]["median_ms"],
+        "ratio": round(t[like]["median_ms"] / t["hf"]["median_ms"], 3),
+        "ratio_compares": like,
+        "jaxground_with_heads_ms": t["jaxground"]["median_ms"],
+        "ratio_with_heads": round(t["jaxground"]["median_ms"] / t["hf"]["median_ms"], 3),
+        "hf_attn_implementation": args.attn,
+        "gflop": round(flops / 1e9, 2),
+        "timing": t.pop("_stats"),
+        "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
+        "runs_others_cpu_frac": {k: v["busy"] for k, v in t.items()},
+    }
+    for k in (like, "hf"):
+        rate = flops / (t[k]["median_ms"] / 1e3) / 1e9
+        out[f"{k}_gflops_per_s"] = round(rate, 1)
+        out[f"{k}_of_matmul_peak"] = round(rate / peak, 3)
+    return out
+
+
+# ---- int8 / nf4 decoding --------------------------------------------------------------------------
+_FORCE_NO_LICM = {"on": False}
+
+
+def _install_bench_hooks() -> None:
+    """Bench-only experiments, without touching the library: (1) `ops.compiler_options`
+    answers "no while-loop LICM" while _FORCE_NO_LICM is on (model_jit caches programs per
+    options, so both variants coexist); (2) `Linear.__call__` runs another formulation of the
+    quantized matmul on layers carrying a static `bench_formulation` attribute (static, so it
+    is part of the graphdef and each formulation gets its own compiled program)."""
+    from jaxground.models import ops
+    if getattr(ops, "_bench_hooked", False):
+        return
+    library_options, library_call = ops.compiler_options, ops.Linear.__call__
+
+    def compiler_options(state, backend=None):
+        if _FORCE_NO_LICM["on"] and (backend or jax.default_backend()) == "cpu":
+            return dict(ops.CPU_COMPILER_OPTIONS)
+        return library_options(state, backend)
+
+    def call(self, inputs, out_sharding=None):
+        how = getattr(self, "bench_formulation", None)
+        if how is None or self.quant_mode != "int8" or self.lora_scale or self.use_bias:
+            return library_call(self, inputs, out_sharding)
+        jnp = jax.numpy
+        codes, scale = self.kernel_q[...], self.kernel_scale[...]  # [in, out] int8, [G, out]
+        if scale.shape[-2] != 1:
+            raise ValueError("bench formulations assume per-channel int8 (group_size 0)")
+        scale = scale[..., 0, :]
+        contract = (((inputs.ndim - 1,), (0,)), ((), ()))
+        x = inputs.astype(jnp.float32)
+        if how == "scale_after_dot":  # dot(x, f32(q)) * s: no multiply over the kernel
+            y = jax.lax.dot_general(x, codes.astype(jnp.float32), contract) * scale
+        elif how == "bf16_codes":  # bf16(q) is exact; x rounded to bf16 (changes numerics)
+            y = ops.dot_general(x.astype(jnp.bfloat16), codes.astype(jnp.bfloat16), contract,
+                                preferred_element_type=jnp.float32) * scale
+        elif how == "barrier":  # the library's dequantize, tied to x: neither hoisted out
+            # of the decode loop (LICM) nor scheduled ahead of the layer that uses it
+            x, codes, scale = jax.lax.optimization_barrier((x, codes, scale))
+            y = jax.lax.dot_general(x, codes.astype(jnp.float32) * scale, contract)
+        elif how == "barrier_bf16":  # the same with the kernel dequantized to bf16
+            x, codes, scale = jax.lax.optimization_barrier((x, codes, scale))
+            y = ops.dot_general(x.astype(jnp.bfloat16),
+                                (codes.astype(jnp.float32) * scale).astype(jnp.bfloat16),
+                                contract, preferred_element_type=jnp.float32)
+        elif how == "chunked":  # barrier, per block of columns whose fp32 copy is ~256 KiB
+            # (stays in L2 between the dequantize and the dot), blocks chained in order
+            n_in, n_out = codes.shape
+            cols = max(16, (1 << 18) // (4 * n_in) // 16 * 16)
+            outs, dep = [], x
+            for a in range(0, n_out, cols):
+                x_b, _, q_b, s_b = jax.lax.optimization_barrier(
+                    (x, dep, codes[:, a:a + cols], scale[a:a + cols]))
+                dep = jax.lax.dot_general(x_b, q_b.astype(jnp.float32) * s_b, contract)
+                outs.append(dep)
+            y = jnp.concatenate(outs, axis=-1)
+        elif how == "mul_reduce":  # one row: multiply + reduce, one fusion reading int8
+            if int(np.prod(inputs.shape[:-1])) != 1:
+                return library_call(self, inputs, out_sharding)
+            y = jnp.sum(x.reshape(-1, 1) * codes.astype(jnp.float32), axis=0) * scale
+            y = y.reshape(*inputs.shape[:-1], -1)
+        else:
+            raise ValueError(f"unknown bench formulation {how!r}")
+        return y.astype(self.dtype or inputs.dtype)
+
+    ops.compiler_options, ops.Linear.__call__, ops._bench_hooked = compiler_options, call, True
+
+
+def step_weight_bytes(model) -> tuple[float, float]:
+    """(bytes of weights one decode step reads, of which quantized codes + scales): every
+    parameter and quantized array of the LLM but the embedding table (one row of it), plus
+    the lm_head. `machine.decode_step_bytes` counts `nnx.Param` only, so it misses codes."""
+    from flax import nnx
+
+    from jaxground.models.ops import QuantizedWeight
+    kinds = nnx.Any(nnx.Param, QuantizedWeight)
+    lm = model.language_model
+    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(lm, kinds)))
+    emb = lm.embed_tokens.embedding[...]
+    total -= emb.nbytes - emb.nbytes // emb.shape[0]
+    parts = [lm] + ([] if model.config.tie_word_embeddings else [model.lm_head])
+    total += sum(x.nbytes for p in parts[1:] for x in jax.tree.leaves(nnx.state(p, kinds)))
+    quant = sum(x.nbytes for p in parts for x in jax.tree.leaves(nnx.state(p, QuantizedWeight)))
+    return float(total), float(quant)
+
+
+def bench_int8_decode(ctx: dict, args) -> dict:
+    """Greedy decoding at batch 1 (--new-tokens, no EOS) with weight-only quantized LLM
+    linears (`LlavaConfig.quant`, dequantized inside the matmul) vs our fp32 model, all
+    without grounding heads: decode step (t(N) - t(1)) / (N - 1), new tokens/s, the step
+    against the memory floor of the bytes that model must read per step (quantized codes +
+    scales, what stays fp32: lm_head, norms, one embedding row; KV cache), and the compiled
+    program's temporaries (XLA memory analysis: a dequantized copy of every kernel hoisted
+    out of the decode loop shows up there). Variants: the library formulation in both
+    layouts, int8 also on the lm_head, nf4, and bench-only formulations of the int8 matmul
+    (`_install_bench_hooks`)."""
+    from jaxground.checkpoints.converted import read_config
+    from jaxground.checkpoints.restore import restore_model
+    from jaxground.inference.generate import lower_generate
+    from jaxground.models.adapters import linear_layers
+    from jaxground.models.config import LLM_LINEARS, QuantConfig
+
+    _install_bench_hooks()
+    path = ctx["jg_dirs"].get("jg_plain", ctx["jg_dirs"]["jg"])
+    base_cfg = read_config(path)
+    dtype = None if args.dtype == "float32" else args.dtype
+    modes = [m.strip() for m in args.quant_modes.split(",") if m.strip()]
+    forms = [f.strip() for f in args.int8_formulations.split(",") if f.strip()]
+
+    def load(quant: QuantConfig, layout: str, formulation: str | None = None):
+        model = restore_model(path, config=base_cfg.replace(quant=quant), dtype=dtype,
+                              layout=layout)
+        if formulation:
+            for _, linear in linear_layers(model):
+                if linear.quant_mode != "none":
+                    linear.bench_formulation = formulation
+        return model
+
+    int8 = QuantConfig(mode="int8")
+    # nf4's default block of 64 input rows does not divide the mid MLP's 1376 (= 32 x 43)
+    nf4 = QuantConfig(mode="nf4", group_size=32)
+    int8_head = QuantConfig(mode="int8", targets=LLM_LINEARS + "|^lm_head$")
+    specs = [  # (name, quant, layout, bench formulation, force no LICM)
+        ("fp32 unrolled", QuantConfig(), "unrolled", None, False),
+        ("fp32 stacked", QuantConfig(), "stacked", None, False),
+        ("int8 unrolled", int8, "unrolled", None, False),
+        ("int8 stacked", int8, "stacked", None, False),
+        ("int8 unrolled, no LICM", int8, "unrolled", None, True),
+        ("int8+lm_head unrolled", int8_head, "unrolled", None, False),
+        ("nf4/32 unrolled", nf4, "unrolled", None, False),
+        ("int8 unrolled, scale_after_dot, no LICM", int8, "unrolled", "scale_after_dot", True),
+        ("int8 unrolled, bf16_codes, no LICM", int8, "unrolled", "bf16_codes", True),
+        ("int8 unrolled, mul_reduce, no LICM", int8, "unrolled", "mul_reduce", True),
+        ("int8 unrolled, barrier", int8, "unrolled", "barrier", False),
+        ("int8 unrolled, barrier_bf16", int8, "unrolled", "barrier_bf16", False),
+        ("int8 unrolled, chunked", int8, "unrolled", "chunked", False),
+        ("int8+lm_head unrolled, chunked", int8_head, "unrolled", "chunked", False),
+    ]
+    wanted = [w.strip() for w in args.int8_variants.split(";") if w.strip()]
+    variants = {name: (load(q, layout, f), no_licm) for name, q, layout, f, no_licm in specs
+                if name in ("fp32 unrolled", "int8 unrolled")
+                or ((not wanted or name in wanted) and (f is None or f in forms)
+                    and ("nf4" not in name or "nf4" in modes))}
+    n = args.new_tokens
+    cfg = ctx["config"]
+    ids, mask, px = make_gen_inputs(1, cfg.image_seq_length, cfg.vision.image_size, seed=1)
+    px_j = jax.numpy.asarray(px).astype(args.dtype)
+
+    def run(model, no_licm, new):
+        def fn():
+            _FORCE_NO_LICM["on"] = no_licm
+            try:
+                return jax.block_until_ready(jaxground.generate(
+                    model, ids, px_j, attention_mask=mask, max_new_tokens=new,
+                    temperature=0.0, eos_token_id=None))
+            finally:
+                _FORCE_NO_LICM["on"] = False
+        return fn
+
+    def temp_mib(model, no_licm):
+        _FORCE_NO_LICM["on"] = no_licm
+        try:
+            mem = lower_generate(model, ids, px_j, attention_mask=mask, max_new_tokens=n,
+                                 temperature=0.0, eos_token_id=None).compile().memory_analysis()
+            return round(mem.temp_size_in_bytes / 2**20, 1)
+        except Exception as e:  # noqa: BLE001  (memory analysis is best effort)
+            return f"n/a ({type(e).__name__})"
+        finally:
+            _FORCE_NO_LICM["on"] = False
+
+    fns, first_s, tokens, info = {}, {}, {}, {}
+    for name, (model, no_licm) in variants.items():
+        for new in (n, 1):
+            key = name if new == n else f"{name}@1"
+            fns[key] = run(model, no_licm, new)
+            t0 = time.perf_counter()
+            res = fns[key]()
+            first_s[key] = round(time.perf_counter() - t0, 2)
+            if new == n:
+                tokens[name] = np.asarray(res.tokens)
+        w, q = step_weight_bytes(model)
+        info[name] = {"weight_bytes": w, "quant_bytes": q, "temp_mib": temp_mib(model, no_licm)}
+        print(f"  int8_decode: {name}: compiled, temporaries {info[name]['temp_mib']} MiB",
+              flush=True)
+
+    t = time_interleaved(fns, args.repeats, args.warmup)
+    stats = t.pop("_stats")
+    read_bps = ctx["limits"]["read_gbps"] * 1e9
+    t_cfg = cfg.text
+    positions = ids.shape[1] + n / 2
+    itemsize = np.dtype(args.dtype).itemsize
+    kv_bytes = 2 * t_cfg.num_layers * t_cfg.num_kv_heads * t_cfg.head_dim * positions * itemsize
+    ref = "fp32 unrolled"
+    impls = {}
+    for name in variants:
+        ms, ms1 = t[name]["median_ms"], t[f"{name}@1"]["median_ms"]
+        dec = (ms - ms1) / (n - 1)
+        floor_ms = (info[name]["weight_bytes"] + kv_bytes) / read_bps * 1e3
+        impls[name] = {
+            "ms": ms, "prefill_and_1_token_ms": ms1, "decode_ms_per_step": round(dec, 3),
+            "tokens_per_s": round(n / ms * 1e3, 1),
+            "decode_tokens_per_s": round(1e3 / dec, 1) if dec > 0 else None,
+            "step_bytes_mib": round((info[name]["weight_bytes"] + kv_bytes) / 2**20, 1),
+            "quant_bytes_mib": round(info[name]["quant_bytes"] / 2**20, 1),
+            "floor_ms": round(floor_ms, 3), "decode_vs_floor": round(dec / floor_ms, 3),
+            "temp_mib": info[name]["temp_mib"],
+            "first_call_s": first_s[name], "first_call_1_s": first_s[f"{name}@1"],
+            "tokens_equal_fp32_frac": round(float(np.mean(tokens[name] == tokens[ref])), 4),
+        }
+    for name, row in impls.items():
+        row["speedup_vs_fp32"] = round(impls[ref]["ms"] / row["ms"], 3)
+        if row["decode_ms_per_step"] > 0:
+            row["decode_speedup_vs_fp32"] = round(
+                impls[ref]["decode_ms_per_step"] / row["decode_ms_per_step"], 3)
+    return {
+        "workload": (f"B=1, prompt of {int(mask.sum())} tokens ({cfg.image_seq_length} image "
+                     f"+ text), {n} new tokens, greedy, no heads, {args.dtype} compute"),
+        "new_tokens": n, "kv_positions": positions, "reference": ref,
+        "goal_decode_vs_floor": 1.3, "goal_tokens_per_s_vs_fp32": 2.0,
+        "impls": impls, "timing": stats,
+        "runs_ms": {k: v["runs_ms"] for k, v in t.items()},
+        "runs_others_cpu_frac": {k: v["busy"] for k, v in t.items()},
+    }
+
+
+def print_int8_decode(r: dict) -> None:
+    print(f"int8_decode: {r['workload']}; decode ms/step = (t(N) - t(1)) / (N - 1); floor = "
+          "the bytes that model reads per step / measured read bandwidth")
+    print(f"{'implementation':<38} {'call ms':>8} {'tok/s':>6} {'dec ms':>7} {'MiB/step':>8} "
+          f"{'floor':>6} {'vs floor':>8} {'vs fp32':>7} {'temps MiB':>9} {'same tok':>8}")
+    print("-" * 112)
+    for name, row in r["impls"].items():
+        print(f"{name:<38} {row['ms']:>8.1f} {row['tokens_per_s']:>6.1f} "
+              f"{row['decode_ms_per_step']:>7.2f} {row['step_bytes_mib']:>8.1f} "
+              f"{row['floor_ms']:>6.2f} {row['decode_vs_floor']:>7.2f}x "
+              f"{row['speedup_vs_fp32']:>6.2f}x {str(row['temp_mib']):>9} "
+              f"{row['tokens_equal_fp32_frac']:>8.0%}")
+    i8 = r["impls"]["int8 unrolled"]
+    print(f"  goals (int8 unrolled): decode step {i8['decode_vs_floor']:.2f}x its floor "
+          f"(goal <= {r['goal_decode_vs_floor']}x); new tokens/s {i8['speedup_vs_fp32']:.2f}x "
+          f"fp32's (goal >= {r['goal_tokens_per_s_vs_fp32']}x; decode alone "
+          f"{i8.get('decode_speedup_vs_fp32', float('nan')):.2f}x)")
+    print_timing(r)
+
+
 SECTIONS = {"forward": bench_forward, "train_step": bench_train_step,
-            "generate": bench_generate}
+            "generate": bench_generate, "lora_step": bench_lora_step,
+            "int8_decode": bench_int8_decode}
+
+
+OWN_PRINTER = ("lora_step", "int8_decode")  # printed by print_lora_step / print_int8_decode
 
 
 def section_key(name: str, dtype: str) -> str:
@@ -653,7 +1052,7 @@ def print_report(results: dict) -> None:
           f"@{c['image_size']}px/{c['patch_size']}, LLaMA {c['text_layers']}x"
           f"{c['text_hidden']}, vocab {c['vocab_size']}, {c['dtype']}, random weights\n")
     rows = []
-    for name in SECTIONS:
+    for name in [s for s in SECTIONS if s not in OWN_PRINTER]:
         key = section_key(name, dtype)
         if key not in results or "jaxground_ms" not in results[key]:
             continue
@@ -672,7 +1071,7 @@ def print_report(results: dict) -> None:
         for sec, impl, ms, ratio in rows:
             print(f"{sec:<9} {impl:<30} {ms:>10.1f} {ratio:>7.3f}")
         print()
-    for name in SECTIONS:
+    for name in [s for s in SECTIONS if s not in OWN_PRINTER]:
         key = section_key(name, dtype)
         if key not in results or "jaxground_ms" not in results[key]:
             continue
@@ -697,6 +1096,10 @@ def print_report(results: dict) -> None:
         print_timing(r)
     if section_key("generate", dtype) in results:
         print_generate(results[section_key("generate", dtype)])
+    if section_key("lora_step", dtype) in results:
+        print_lora_step(results[section_key("lora_step", dtype)], dtype)
+    if section_key("int8_decode", dtype) in results:
+        print_int8_decode(results[section_key("int8_decode", dtype)])
     print()
 
 
@@ -712,6 +1115,24 @@ def print_timing(r: dict) -> None:
               f"{tm['others_cpu_frac_median']:.0%} of a CPU per run; quiet runs "
               f"{tm['quiet_runs']}): timings are unreliable, PyTorch's OpenMP pool "
               "usually degrades most. Rerun with --wait-quiet / more --repeats.")
+
+
+def print_lora_step(r: dict, dtype: str) -> None:
+    verdict = "meets" if r["ratio"] <= RATIO_GOAL else "misses"
+    print(f"lora_step: {r['workload']}")
+    print(f"  jaxground no heads, LM loss {r['jaxground_ms']:.1f} ms; with similarity heads + "
+          f"grounding loss {r['jaxground_with_heads_ms']:.1f} ms; HF+PEFT ({r['hf_attn_implementation']}) "
+          f"{r['hf_ms']:.1f} ms")
+    print(f"  jaxground/HF = {r['ratio']:.3f} ({r['ratio_compares']}), {verdict} the goal <= "
+          f"{RATIO_GOAL}; with heads {r['ratio_with_heads']:.3f}")
+    like = r["ratio_compares"]
+    print(f"  {r['gflop']:.1f} GFLOP per step; jaxground {r[f'{like}_gflops_per_s']:.0f} "
+          f"GFLOP/s = {r[f'{like}_of_matmul_peak']:.0%}, HF {r['hf_gflops_per_s']:.0f} GFLOP/s = "
+          f"{r['hf_of_matmul_peak']:.0%} of the measured {dtype} matmul rate")
+    print(f"  trainable: jaxground {r['jaxground_trainable_params']:,}, HF {r['hf_trainable_params']:,}"
+          f" ({r['hf_lora_layers']} LoRA layers); step-0 LM loss {r['step0_lm_loss']}")
+    print(f"  first calls (jaxground: tracing + XLA compile): {r['first_call_s']}")
+    print_timing(r)
 
 
 GEN_LABELS = {"jaxground": "jaxground greedy (as converted)",
@@ -806,6 +1227,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES),
                    help="compute dtype of both frameworks (bfloat16: jaxground.load(dtype=) vs "
                         "the HF model in bf16; the train step keeps fp32 parameters)")
+    p.add_argument("--lora-rank", type=int, default=64,
+                   help="lora_step: adapter rank (LLaVA's recipe is 128 on a 4096-wide LLM; "
+                        "the mid LLM is 512 wide)")
+    p.add_argument("--lora-alpha", type=float, default=0.0,
+                   help="lora_step: adapter alpha (0: 2 x rank, as LLaVA's 128 / 256)")
+    p.add_argument("--quant-modes", default="int8,nf4",
+                   help="int8_decode: add nf4 to the int8 variants when listed")
+    p.add_argument("--int8-variants", default="",
+                   help="int8_decode: ';'-separated variant names to run (default: all; "
+                        "'fp32 unrolled' and 'int8 unrolled' always run)")
+    p.add_argument("--int8-formulations",
+                   default="scale_after_dot,bf16_codes,mul_reduce,barrier,barrier_bf16,chunked",
+                   help="int8_decode: bench-only formulations of the int8 matmul to try")
     p.add_argument("--out", default=OUT_JSON)
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -90,7 +90,8 @@ def test_quick_hard_demo_runs_the_three_stage_recipe(tmp_path):
     init_from, and the report says so."""
     out = tmp_path / "hard"
     proc = subprocess.run([sys.executable, "-m", "jaxground.demo", "--out", str(out),
-                           "--quick", "--world", "hard"], cwd=REPO, capture_output=True,
+                           "--quick", "--world", "hard", "--lora-steps=-1"],  # LoRA: above
+                          cwd=REPO, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-5000:]
     chain = {"align": "vision", "grounded": "align", "ungrounded": "align"}

@@ -20,7 +20,7 @@ import jaxground
 from jaxground.checkpoints.converted import read_config, save_params
 from jaxground.checkpoints.restore import restore_model
 from jaxground.inference.batching import left_pad
-from jaxground.models.adapters import merge_lora, quantize_params
+from jaxground.models.adapters import fresh_lora, merge_lora, quantize_params
 from jaxground.models.config import ConfigError, LoraConfig, QuantConfig, tiny
 from jaxground.models.llava import init_model, param_dict
 from jaxground.models.quant import NF4_VALUES, dequantize, quantize
@@ -349,6 +349,8 @@ def test_evaluation_quantizes_at_load(tiny_base):
     settings = EvalSettings(quant="nf4")
     model, _ = runner.load_model(tiny_base, settings, None)
     assert model.config.quant.mode == "nf4"
+    assert not model.language_model.unrolled  # see runner.decode_layout
+    assert runner.load_model(tiny_base, EvalSettings(), None)[0].language_model.unrolled
     codes = flatten(nnx.to_pure_dict(nnx.state(model, QuantizedWeight)))
     assert {k[-1] for k in codes} == {"kernel_q", "kernel_scale"}
     assert runner.output_dir(tiny_base, "pope", "x.json", settings).endswith("pope-nf4")
@@ -357,3 +359,16 @@ def test_evaluation_quantizes_at_load(tiny_base):
     np.testing.assert_array_equal(logits(model, model.config), want)
     with pytest.raises(EvalConfigError, match="quant"):
         EvalSettings.from_config_dict({"eval": {"quant": "int4"}})
+
+
+def test_a_bf16_base_gets_adapters_in_the_model_s_parameter_dtype():
+    """Adapters over bf16 kernels (a workdir base whose frozen weights were saved in bf16)
+    are made in the model's parameter dtype, fp32 for the 7B recipe: an optimizer stepping
+    bf16 adapters would lose most of each update."""
+    kernel = jnp.ones((2, 8, 6), jnp.bfloat16)
+    params = {"language_model": {"layers": {"mlp": {"up_proj": {"kernel": kernel}}}}}
+    cfg = LoraConfig(enabled=True, rank=2, targets="up_proj")
+    linear = fresh_lora(params, cfg, seed=1, dtype=jnp.float32)["language_model"]["layers"][
+        "mlp"]["up_proj"]
+    assert linear["lora_a"].dtype == jnp.float32 and linear["lora_a"].shape == (2, 8, 2)
+    assert linear["lora_b"].dtype == jnp.float32 and not np.any(np.asarray(linear["lora_b"]))

@@ -52,7 +52,7 @@ def restore_params_tree(path: str, *, config: LlavaConfig | None = None, step: i
                              f"(step={step})")
         params = restore_params_for(path, config.base, mesh)
     if config.lora.enabled and not has_lora(params):  # a LoRA run starts: fresh adapters
-        adapters = fresh_lora(params, config.lora, seed)
+        adapters = fresh_lora(params, config.lora, seed, dtype_of(config.param_dtype))
         params = merge(params, jax.device_put(adapters, param_shardings(adapters, mesh)))
     if merge_adapters and config.lora.enabled:
         params = merge_lora(params, config.lora)

@@ -95,14 +95,14 @@ def has_lora(params: dict) -> bool:
     return any("lora_a" in d for _, d in _linear_dicts(params, ""))
 
 
-def fresh_lora(params: dict, cfg: LoraConfig, seed: int = 0) -> dict:
-    """{path: {"lora_a", "lora_b"}} nested like `params`: new adapters for the matching
-    linear layers (each seeded by `seed` and its path, so any process draws the same)."""
+def fresh_lora(params: dict, cfg: LoraConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+    """{path: {"lora_a", "lora_b"}} nested like `params`: new adapters in `dtype` (the
+    model's parameter dtype: a bf16 base still trains fp32 adapters) for the matching
+    linear layers, each seeded by `seed` and its path, so any process draws the same."""
     out: dict[str, Any] = {}
     for path, linear in _linear_dicts(params, cfg.targets):
         kernel = linear["kernel"]
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
-        dtype = jnp.float32 if jnp.issubdtype(kernel.dtype, jnp.integer) else kernel.dtype
         a, b = lora_init(key, kernel.shape, cfg.rank, dtype)
         node = out
         for k in path.split("/"):
