@@ -370,6 +370,15 @@ def training_model(path: str, compute_dtype: str):
     return model
 
 
+def adamw_settings(lr: float):
+    """AdamW at a constant rate, no clipping or decay: the optimizer both sides run."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=0, steps=1000,
+                                          end_lr_fraction=0.1, b1=0.9, b2=0.999,
+                                          weight_decay=0.0, clip_norm=1e9, grad_accum=1))
+
+
 def train_batch(cfg, args):
     """(ids, mask, pixels, the train step's batch): LM labels on every text token, grounding
     labels (0/1) on a fifth of them, each row its own image."""
@@ -412,18 +421,13 @@ def bench_train_step(ctx: dict, args) -> dict:
     parameters either way; with --dtype bfloat16 both compute in bf16 (ours: the model's
     compute dtype; HF: torch.autocast). The like-for-like pair is the model without heads
     and the LM loss only; the default model adds its heads and the BCE grounding loss."""
-    import ml_collections
-    import optax  # noqa: F401  (through make_optimizer)
-
     from jaxground.training.losses import LossConfig
     from jaxground.training.optim import make_optimizer, trainable_filter
     from jaxground.training.step import init_state, make_step_fn
 
     cfg = ctx["config"]
     ids, mask, px, batch = train_batch(cfg, args)
-    train_cfg = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, steps=1000,
-                                               end_lr_fraction=0.1, b1=0.9, b2=0.999,
-                                               weight_decay=0.0, clip_norm=1e9, grad_accum=1))
+    train_cfg = adamw_settings(lr=1e-5)
 
     def jax_step(model, grounding_weight):
         tx, schedule = make_optimizer(train_cfg)
@@ -442,7 +446,8 @@ def bench_train_step(ctx: dict, args) -> dict:
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, weight_decay=0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    ids_t, mask_t, px_t, labels_t = map(torch.from_numpy, (ids, mask, px, labels))
+    ids_t, mask_t, px_t, labels_t = map(torch.from_numpy,
+                                        (ids, mask, px, np.asarray(batch["labels"])))
 
     def hf_step():
         torch.set_grad_enabled(True)  # main() turns autograd off for the other sections
@@ -679,7 +684,6 @@ def bench_lora_step(ctx: dict, args) -> dict:
     torch.optim.AdamW on the adapters). Same batch as `train_step`. The like-for-like pair
     is the model without heads, grounding_weight 0; the default model adds its similarity
     heads and the BCE grounding loss (its adapters get that gradient too)."""
-    import ml_collections
     import peft
 
     from jaxground.training.losses import LossConfig
@@ -689,9 +693,7 @@ def bench_lora_step(ctx: dict, args) -> dict:
     cfg, rank = ctx["config"], args.lora_rank
     alpha = args.lora_alpha or 2.0 * rank  # LLaVA's recipe: alpha = 2 x rank (128 / 256)
     ids, mask, px, batch = train_batch(cfg, args)
-    train_cfg = ml_collections.ConfigDict(dict(lr=2e-4, warmup_steps=0, steps=1000,
-                                               end_lr_fraction=0.1, b1=0.9, b2=0.999,
-                                               weight_decay=0.0, clip_norm=1e9, grad_accum=1))
+    train_cfg = adamw_settings(lr=2e-4)
 
     def jax_step(model, grounding_weight):
         tx, schedule = make_optimizer(train_cfg)
@@ -716,7 +718,8 @@ def bench_lora_step(ctx: dict, args) -> dict:
     hf_params = [p for p in hf.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(hf_params, lr=2e-4, weight_decay=0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    ids_t, mask_t, px_t, labels_t = map(torch.from_numpy, (ids, mask, px, labels))
+    ids_t, mask_t, px_t, labels_t = map(torch.from_numpy,
+                                        (ids, mask, px, np.asarray(batch["labels"])))
 
     def hf_step():
         torch.set_grad_enabled(True)

@@ -30,7 +30,6 @@ from jaxground.models.quant import quantize_layers
 from jaxground.utils.trees import path_string
 
 LORA_LEAVES = ("lora_a", "lora_b")
-QUANT_LEAVES = ("kernel_q", "kernel_scale")
 
 
 # ---- modules ---------------------------------------------------------------------------------
